@@ -1,0 +1,190 @@
+"""The shared shell of every attention variant: projections, RoPE, KV cache, masks.
+
+A variant subclasses `Attention` and overrides `attend(q, k, v, bias_info)`; projections, rotary
+embeddings, grouped-query heads and cache updates stay here, so each variant file holds only the
+part of the math that differs.
+
+Axes: activations [batch, seq, heads, head_dim]; keys/values [batch, seq, kv_heads, head_dim].
+Parameters: q (embed, heads, head_dim), k/v (embed, kv_heads, head_dim), o (heads, head_dim, embed).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.embeddings import apply_rope
+from models.linear import Linear, ProjectOut
+from models.sharding import constrain
+
+NEG_INF = -1e30  # Finite, so fully masked rows give a uniform (not NaN) softmax before masking out.
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskInfo:
+  """What decides which key a query may see.
+
+  Attributes:
+    q_pos: Query positions in the key index space, int32 [batch, q_len].
+    kv_pos: Key positions, int32 [batch, kv_len].
+    kv_valid: Whether each key slot holds a real token, bool [batch, kv_len].
+    q_seg: Query segment ids (0 = padding) or None, [batch, q_len].
+    kv_seg: Key segment ids or None, [batch, kv_len].
+    causal: Whether a query at position i may only see keys at positions <= i.
+  """
+
+  q_pos: jax.Array
+  kv_pos: jax.Array
+  kv_valid: jax.Array
+  q_seg: jax.Array | None
+  kv_seg: jax.Array | None
+  causal: bool
+
+  def dense_mask(self) -> jax.Array:
+    """The boolean mask, [batch, q_len, kv_len]."""
+    mask = self.kv_valid[:, None, :]
+    if self.causal:
+      mask = mask & (self.kv_pos[:, None, :] <= self.q_pos[:, :, None])
+    if self.q_seg is not None:
+      mask = mask & (self.q_seg[:, :, None] == self.kv_seg[:, None, :])
+    return mask
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with grouped-query heads, RoPE and an optional KV cache.
+
+  Args:
+    d_model: Model width.
+    num_heads: Query heads.
+    num_kv_heads: Key/value heads; must divide num_heads (1 = multi-query attention).
+    head_dim: Width of each head.
+    causal: Decoder (causal) or encoder (bidirectional) attention.
+    rope_theta: RoPE base, or None for no rotary embedding.
+    init_std: Initialiser std of the input projections.
+    out_init_std: Initialiser std of the output projection.
+    dtype: Compute dtype.
+    param_dtype: Storage dtype.
+    rngs: Random streams.
+  """
+
+  def __init__(
+    self,
+    d_model: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    causal: bool = True,
+    rope_theta: float | None = 10_000.0,
+    init_std: float = 0.02,
+    out_init_std: float = 0.02,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    if num_heads % num_kv_heads:
+      raise ValueError(
+        f"model.num_kv_heads={num_kv_heads} must divide model.num_heads={num_heads}"
+      )
+    self.num_heads = num_heads
+    self.num_kv_heads = num_kv_heads
+    self.head_dim = head_dim
+    self.causal = causal
+    self.rope_theta = rope_theta
+    self.dtype = dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q = Linear(d_model, (num_heads, head_dim), axes=("embed", "heads", "head_dim"),
+                    init_std=init_std, **kw)
+    self.k = Linear(d_model, (num_kv_heads, head_dim), axes=("embed", "kv_heads", "head_dim"),
+                    init_std=init_std, **kw)
+    self.v = Linear(d_model, (num_kv_heads, head_dim), axes=("embed", "kv_heads", "head_dim"),
+                    init_std=init_std, **kw)
+    self.o = ProjectOut((num_heads, head_dim), d_model, axes=("heads", "head_dim", "embed"),
+                        init_std=out_init_std, **kw)
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+    """An empty KV cache, {"k", "v"}: [batch, max_len, kv_heads, head_dim]."""
+    shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+    dtype = dtype or self.dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+  def __call__(
+    self,
+    x_btd: jax.Array,
+    *,
+    positions_bt: jax.Array,
+    segment_ids_bt: jax.Array | None = None,
+    cache: dict[str, jax.Array] | None = None,
+    cache_index: jax.Array | None = None,
+  ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    """Attends over the input (and the cache, when given).
+
+    Args:
+      x_btd: Input, [batch, seq, d_model].
+      positions_bt: Token positions for RoPE, [batch, seq].
+      segment_ids_bt: Optional segment ids (0 = padding) for packed or padded inputs; no cache.
+      cache: Optional KV cache from `init_cache`; the new keys/values are written at cache_index.
+      cache_index: Scalar int, the cache slot of the first input token.
+
+    Returns:
+      The output [batch, seq, d_model] and the updated cache (None without a cache).
+    """
+    b, t, _ = x_btd.shape
+    q = constrain(self.q(x_btd), ("batch", "seq", "heads", "head_dim"))
+    k = constrain(self.k(x_btd), ("batch", "seq", "kv_heads", "head_dim"))
+    v = constrain(self.v(x_btd), ("batch", "seq", "kv_heads", "head_dim"))
+    if self.rope_theta is not None:
+      q = apply_rope(q, positions_bt, self.rope_theta)
+      k = apply_rope(k, positions_bt, self.rope_theta)
+
+    if cache is None:
+      pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      info = MaskInfo(pos, pos, jnp.ones((b, t), bool), segment_ids_bt, segment_ids_bt,
+                      self.causal)
+      new_cache = None
+    else:
+      if segment_ids_bt is not None:
+        raise ValueError("segment_ids are not supported together with a KV cache")
+      index = jnp.asarray(cache_index, jnp.int32)
+      k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+      new_cache = {"k": k_all, "v": v_all}
+      s = k_all.shape[1]
+      kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+      q_pos = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+      info = MaskInfo(q_pos, kv_pos, kv_pos < index + t, None, None, self.causal)
+      k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+
+    out = self.attend(q, k, v, info)  # [b, t, h, k]
+    out = constrain(out.astype(self.dtype), ("batch", "seq", "heads", "head_dim"))
+    return self.o(out), new_cache
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo) -> jax.Array:
+    """The attention core; variants override this. Shapes as in `reference_attention`."""
+    raise NotImplementedError
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """softmax(q kᵀ / √d + mask) v with grouped-query heads, softmax in float32.
+
+  Args:
+    q: Queries, [batch, q_len, heads, head_dim].
+    k: Keys, [batch, kv_len, kv_heads, head_dim].
+    v: Values, [batch, kv_len, kv_heads, head_dim].
+    mask: Boolean, [batch, q_len, kv_len]; rows with no visible key output zeros.
+
+  Returns:
+    [batch, q_len, heads, head_dim] in q's dtype.
+  """
+  b, t, h, d = q.shape
+  g = k.shape[2]
+  q = q.reshape(b, t, g, h // g, d)  # [b, t, kv_heads, group, d]
+  scores = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (d**-0.5)
+  m = mask[:, None, None, :, :]
+  scores = jnp.where(m, scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = jnp.where(m, probs, 0.0)  # Rows with no visible key give zeros, not a uniform average.
+  out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v.dtype), v)
+  return out.reshape(b, t, h, d)

@@ -1,0 +1,172 @@
+"""The model section of an experiment config: a typed, validated, frozen description.
+
+Experiment files build an `ml_collections.ConfigDict` (so absl flags can override any field);
+`ModelConfig.from_config_dict` turns it into this dataclass and checks every setting before anything
+is built or compiled, raising one-line `ValueError`s that name the setting and what is allowed.
+"""
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from models.registry import MIXERS, MLPS, NORMS
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+KINDS = ("decoder", "encoder")
+POSITIONS = ("rope", "none")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "everything")
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+  """Defaults for the `model` section (a small decoder LM)."""
+  return ml_collections.ConfigDict(
+    dict(
+      kind="decoder",
+      vocab_size=0,  # 0: take it from the data (tokenizer or task).
+      d_model=128,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=0,  # 0: same as num_heads (plain multi-head attention).
+      head_dim=0,  # 0: d_model // num_heads.
+      mlp_dim=0,  # 0: 4 * d_model for gelu, the same parameter count (8/3 * d_model) for swiglu.
+      mixer="dense",  # One name, or a comma-separated repeating pattern ("mamba,mamba,dense").
+      mixer_options={},
+      mlp="swiglu",
+      norm="rmsnorm",
+      norm_eps=1e-6,
+      position="rope",
+      rope_theta=10_000.0,
+      max_seq_len=2048,
+      tie_embeddings=True,
+      init_std=0.02,
+      dtype="float32",
+      param_dtype="float32",
+      scan_layers=True,
+      remat="none",
+    )
+  )
+
+
+def _divisors(n: int) -> str:
+  return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """See `get_default_config` for the meaning of each field."""
+
+  kind: str = "decoder"
+  vocab_size: int = 256
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 0
+  head_dim: int = 0
+  mlp_dim: int = 0
+  mixer: str = "dense"
+  mixer_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  mlp: str = "swiglu"
+  norm: str = "rmsnorm"
+  norm_eps: float = 1e-6
+  position: str = "rope"
+  rope_theta: float = 10_000.0
+  max_seq_len: int = 2048
+  tie_embeddings: bool = True
+  init_std: float = 0.02
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat: str = "none"
+
+  def __post_init__(self):
+    # Defaults that depend on other fields are resolved once, here.
+    if self.num_kv_heads == 0:
+      object.__setattr__(self, "num_kv_heads", self.num_heads)
+    if self.mlp_dim == 0:
+      hidden = 4 * self.d_model if self.mlp == "gelu" else int(8 * self.d_model / 3)
+      object.__setattr__(self, "mlp_dim", hidden)
+    object.__setattr__(self, "mixer_options", dict(self.mixer_options))
+    self.validate()
+
+  @classmethod
+  def from_config_dict(cls, cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> "ModelConfig":
+    d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"model.{unknown[0]} is not a model setting; known: {', '.join(sorted(known))}")
+    return cls(**d)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  # Derived values.
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def mixer_pattern(self) -> tuple[str, ...]:
+    return tuple(name.strip() for name in self.mixer.split(","))
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def storage_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  @property
+  def out_init_std(self) -> float:
+    """GPT-2's scaled init for projections that write into the residual stream."""
+    return self.init_std / math.sqrt(2 * self.num_layers)
+
+  def validate(self) -> None:
+    """Checks every field; raises a one-line ValueError naming the first bad setting."""
+    if self.kind not in KINDS:
+      raise ValueError(f"model.kind={self.kind!r} is not known; choose one of: {', '.join(KINDS)}")
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_seq_len", "mlp_dim"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model.{name}={getattr(self, name)} must be a positive integer")
+    if self.head_dim < 0:
+      raise ValueError(f"model.head_dim={self.head_dim} must be >= 0 (0 = d_model // num_heads)")
+    if self.head_dim == 0 and self.d_model % self.num_heads:
+      raise ValueError(
+        f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}; "
+        f"choose one of: {_divisors(self.d_model)} (or set model.head_dim)"
+      )
+    if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+      raise ValueError(
+        f"model.num_kv_heads={self.num_kv_heads} does not divide model.num_heads={self.num_heads}; "
+        f"choose one of: {_divisors(self.num_heads)}"
+      )
+    if self.position == "rope" and self.resolved_head_dim % 2:
+      raise ValueError(f"RoPE needs an even head dimension; got {self.resolved_head_dim}")
+    for name in self.mixer_pattern:
+      MIXERS.check(name)
+    MLPS.check(self.mlp)
+    NORMS.check(self.norm)
+    if self.num_layers % len(self.mixer_pattern):
+      raise ValueError(
+        f"model.num_layers={self.num_layers} is not a multiple of the mixer pattern length "
+        f"{len(self.mixer_pattern)} (model.mixer={self.mixer!r})"
+      )
+    if self.position not in POSITIONS:
+      raise ValueError(
+        f"model.position={self.position!r} is not known; choose one of: {', '.join(POSITIONS)}"
+      )
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(
+          f"model.{name}={getattr(self, name)!r} is not known; choose one of: {', '.join(DTYPES)}"
+        )
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(
+        f"model.remat={self.remat!r} is not a known remat policy; choose one of: "
+        + ", ".join(REMAT_POLICIES)
+      )

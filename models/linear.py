@@ -1,0 +1,98 @@
+"""Projection layers with logical axis names.
+
+Axes: the caller names the input and output axes (e.g. ("embed", "mlp")); a multi-axis output
+such as ("heads", "head_dim") keeps one parameter axis per logical name.
+"""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.sharding import param
+
+
+class Linear(nnx.Module):
+  """y = x W (+ b) over the last axis of x, with W shaped [in, *out_shape].
+
+  The matmul is done on x flattened to 2-D: XLA:CPU differentiates a rank-3 `dot_general`
+  (contracting batch and sequence together for dW) several times slower than the same 2-D product.
+
+  Args:
+    in_features: Size of the input's last axis.
+    out_shape: Output feature shape, e.g. (d_model,) or (num_heads, head_dim).
+    axes: Logical names for the kernel, len(out_shape) + 1 of them.
+    use_bias: Whether to add a bias (axes: the output names).
+    init_std: Standard deviation of the normal kernel initialiser.
+    dtype: Computation dtype (inputs and kernel are cast to it).
+    param_dtype: Storage dtype of the parameters.
+    rngs: Random streams; uses `rngs.params()`.
+  """
+
+  def __init__(
+    self,
+    in_features: int,
+    out_shape: int | Sequence[int],
+    *,
+    axes: Sequence[str | None],
+    use_bias: bool = False,
+    init_std: float = 0.02,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+    self.in_features = in_features
+    self.dtype = dtype
+    shape = (in_features, *self.out_shape)
+    self.kernel = param(init_std * jax.random.normal(rngs.params(), shape, param_dtype), axes)
+    self.bias = (
+      param(jnp.zeros(self.out_shape, param_dtype), tuple(axes)[1:]) if use_bias else None
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    lead = x.shape[:-1]
+    n_out = math.prod(self.out_shape)
+    w = self.kernel[...].astype(self.dtype).reshape(self.in_features, n_out)
+    y = x.astype(self.dtype).reshape(-1, self.in_features) @ w  # [tokens, n_out]
+    y = y.reshape(*lead, *self.out_shape)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class ProjectOut(nnx.Module):
+  """y = x W over several trailing input axes (e.g. heads and head_dim) to one output axis.
+
+  Args:
+    in_shape: Trailing input shape contracted away, e.g. (num_heads, head_dim).
+    out_features: Output width.
+    axes: Logical names for the kernel [*in_shape, out].
+    init_std, dtype, param_dtype, rngs: As in `Linear`.
+  """
+
+  def __init__(
+    self,
+    in_shape: Sequence[int],
+    out_features: int,
+    *,
+    axes: Sequence[str | None],
+    init_std: float = 0.02,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.in_shape = tuple(in_shape)
+    self.out_features = out_features
+    self.dtype = dtype
+    shape = (*self.in_shape, out_features)
+    self.kernel = param(init_std * jax.random.normal(rngs.params(), shape, param_dtype), axes)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = math.prod(self.in_shape)
+    lead = x.shape[: x.ndim - len(self.in_shape)]
+    w = self.kernel[...].astype(self.dtype).reshape(n_in, self.out_features)
+    y = x.astype(self.dtype).reshape(-1, n_in) @ w  # [tokens, out]
+    return y.reshape(*lead, self.out_features)

@@ -1,0 +1,304 @@
+"""The shared block, the layer stack (scanned or unrolled) and the decoder / encoder LMs.
+
+A block is pre-norm: x + mixer(norm(x)), then x + mlp(norm(x)). Its sequence mixer and MLP are
+chosen by name from `models.registry`, so attention variants, state-space layers and MoE MLPs plug
+in without touching this file. A repeating mixer pattern (e.g. "mamba,mamba,dense") forms a group
+of blocks; the stack holds every group's parameters stacked on a leading `layers` axis and runs
+them with `jax.lax.scan` (one compiled group) or a Python loop (unrolled), which give the same
+outputs from the same parameters.
+
+Axes: activations [batch, seq, embed]; logits [batch, seq, vocab]; stacked parameters get a
+leading `layers` axis.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.embeddings import Embed
+from models.linear import Linear
+from models.registry import MIXERS, MLPS, NORMS
+from models.sharding import constrain
+
+REMAT_POLICIES = {
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+class ModelOutput(NamedTuple):
+  """What a language model returns.
+
+  Attributes:
+    logits: float32 [batch, seq, vocab].
+    cache: Updated decoding cache (None when called without one).
+    aux_loss: Scalar auxiliary loss summed over layers (e.g. MoE load balancing); 0 if none.
+  """
+
+  logits: jax.Array
+  cache: Any
+  aux_loss: jax.Array
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + mixer(norm1(x)); x + mlp(norm2(x)).
+
+  Args:
+    mixer: A sequence mixer following the `models.attention.Attention` call convention.
+    mlp: A position-wise module [.., d] -> [.., d].
+    norm1, norm2: Normalisation modules.
+  """
+
+  def __init__(self, mixer: nnx.Module, mlp: nnx.Module, norm1: nnx.Module, norm2: nnx.Module):
+    self.mixer = mixer
+    self.mlp = mlp
+    self.norm1 = norm1
+    self.norm2 = norm2
+
+  def __call__(self, x_btd, *, positions_bt, segment_ids_bt=None, cache=None, cache_index=None):
+    h, cache = self.mixer(
+      self.norm1(x_btd),
+      positions_bt=positions_bt,
+      segment_ids_bt=segment_ids_bt,
+      cache=cache,
+      cache_index=cache_index,
+    )
+    x_btd = x_btd + h.astype(x_btd.dtype)
+    mlp_out = self.mlp(self.norm2(x_btd))
+    # An MLP may return (output, aux_loss), e.g. a mixture of experts.
+    aux = jnp.zeros((), jnp.float32)
+    if isinstance(mlp_out, tuple):
+      mlp_out, aux = mlp_out
+    x_btd = x_btd + mlp_out.astype(x_btd.dtype)
+    return constrain(x_btd, ("batch", "seq", "embed")), cache, aux
+
+  def init_cache(self, batch: int, max_len: int):
+    init = getattr(self.mixer, "init_cache", None)
+    return init(batch, max_len) if init is not None else None
+
+
+def build_block(cfg: ModelConfig, mixer: str, *, causal: bool, rngs: nnx.Rngs) -> Block:
+  """Assembles one block from the registries."""
+  return Block(
+    mixer=MIXERS.get(mixer)(cfg, causal=causal, rngs=rngs),
+    mlp=MLPS.get(cfg.mlp)(cfg, rngs=rngs),
+    norm1=NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs),
+    norm2=NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs),
+  )
+
+
+class BlockGroup(nnx.Module):
+  """One repetition of the mixer pattern: len(cfg.mixer_pattern) blocks applied in order."""
+
+  def __init__(self, cfg: ModelConfig, *, causal: bool, rngs: nnx.Rngs):
+    self.blocks = nnx.List(
+      [build_block(cfg, name, causal=causal, rngs=rngs) for name in cfg.mixer_pattern]
+    )
+
+  def __call__(self, x, *, positions_bt, segment_ids_bt=None, caches=None, cache_index=None):
+    caches = caches if caches is not None else (None,) * len(self.blocks)
+    new_caches, aux = [], jnp.zeros((), jnp.float32)
+    for block, cache in zip(self.blocks, caches, strict=True):
+      x, cache, block_aux = block(
+        x,
+        positions_bt=positions_bt,
+        segment_ids_bt=segment_ids_bt,
+        cache=cache,
+        cache_index=cache_index,
+      )
+      new_caches.append(cache)
+      aux = aux + block_aux
+    return x, tuple(new_caches), aux
+
+  def init_cache(self, batch: int, max_len: int):
+    return tuple(block.init_cache(batch, max_len) for block in self.blocks)
+
+
+class LayerStack(nnx.Module):
+  """All block groups, parameters stacked on a leading `layers` axis.
+
+  Args:
+    cfg: Model config (num_layers, mixer pattern, scan_layers, remat, ...).
+    causal: Whether the mixers are causal.
+    rngs: Random streams; each group gets its own key.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, causal: bool, rngs: nnx.Rngs):
+    self.num_groups = cfg.num_layers // len(cfg.mixer_pattern)
+    self.scan = cfg.scan_layers
+    self.remat = cfg.remat
+    keys = jax.random.split(rngs.params(), self.num_groups)
+
+    def make(key):
+      return nnx.state(BlockGroup(cfg, causal=causal, rngs=nnx.Rngs(key)))
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: BlockGroup(cfg, causal=causal, rngs=nnx.Rngs(0))))
+    self.groups = nnx.merge(graphdef, jax.vmap(make)(keys))
+    for _, var in nnx.iter_graph(self.groups):
+      if isinstance(var, nnx.Variable) and var.get_metadata().get("out_sharding"):
+        var.set_metadata(out_sharding=("layers", *var.get_metadata()["out_sharding"]))
+
+  def init_cache(self, batch: int, max_len: int):
+    """A decoding cache for every group, each leaf with a leading [num_groups] axis."""
+    graphdef, state = nnx.split(self.groups)
+    one = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+    per_group = one.init_cache(batch, max_len)
+    return jax.tree.map(lambda a: jnp.zeros((self.num_groups, *a.shape), a.dtype), per_group)
+
+  def __call__(self, x, *, positions_bt, segment_ids_bt=None, caches=None, cache_index=None):
+    graphdef, state = nnx.split(self.groups)
+
+    def body(x, xs):
+      group_state, group_caches = xs
+      group = nnx.merge(graphdef, group_state)
+      x, new_caches, aux = group(
+        x,
+        positions_bt=positions_bt,
+        segment_ids_bt=segment_ids_bt,
+        caches=group_caches,
+        cache_index=cache_index,
+      )
+      return x, (new_caches, aux)
+
+    if self.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+
+    if self.scan:
+      x, (new_caches, aux) = jax.lax.scan(body, x, (state, caches))
+    else:
+      outs = []
+      for i in range(self.num_groups):
+        xs = jax.tree.map(lambda a, i=i: a[i], (state, caches))
+        x, out = body(x, xs)
+        outs.append(out)
+      new_caches, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return x, (new_caches if caches is not None else None), jnp.sum(aux)
+
+
+def _positions(tokens_bt: jax.Array, cache_index) -> jax.Array:
+  b, t = tokens_bt.shape
+  start = 0 if cache_index is None else jnp.asarray(cache_index, jnp.int32)
+  return jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+class DecoderLM(nnx.Module):
+  """A decoder-only (causal) language model.
+
+  Args:
+    cfg: The model config; `cfg.kind` should be "decoder".
+    rngs: Random streams.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(
+      cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=cfg.compute_dtype,
+      param_dtype=cfg.storage_dtype, rngs=rngs,
+    )
+    self.layers = LayerStack(cfg, causal=True, rngs=rngs)
+    self.final_norm = NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs)
+    self.lm_head = (
+      None
+      if cfg.tie_embeddings
+      else Linear(
+        cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), init_std=cfg.init_std,
+        dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs,
+      )
+    )
+
+  def init_cache(self, batch: int, max_len: int | None = None):
+    """An empty decoding cache for `max_len` positions (default: cfg.max_seq_len)."""
+    return self.layers.init_cache(batch, max_len or self.cfg.max_seq_len)
+
+  def __call__(
+    self,
+    tokens_bt: jax.Array,
+    *,
+    positions_bt: jax.Array | None = None,
+    segment_ids_bt: jax.Array | None = None,
+    cache=None,
+    cache_index=None,
+  ) -> ModelOutput:
+    """Next-token logits.
+
+    Args:
+      tokens_bt: int32 token ids, [batch, seq].
+      positions_bt: Positions, [batch, seq]; default cache_index (or 0) + arange(seq).
+      segment_ids_bt: Optional segment ids for packed sequences (0 = padding).
+      cache: Optional decoding cache from `init_cache`.
+      cache_index: Scalar int, where the input starts in the cache.
+
+    Returns:
+      A `ModelOutput`.
+    """
+    if positions_bt is None:
+      positions_bt = _positions(tokens_bt, cache_index)
+    x = constrain(self.embed(tokens_bt), ("batch", "seq", "embed"))
+    x, cache, aux = self.layers(
+      x, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, caches=cache,
+      cache_index=cache_index,
+    )
+    x = self.final_norm(x)
+    if self.lm_head is None:
+      logits = self.embed.attend(x)
+    else:
+      logits = self.lm_head(x).astype(jnp.float32)
+    return ModelOutput(constrain(logits, ("batch", "seq", "vocab")), cache, aux)
+
+
+class EncoderLM(nnx.Module):
+  """A bidirectional encoder with a BERT-style masked-LM head.
+
+  Head: dense + gelu + norm, then the (tied or untied) vocabulary projection plus a bias.
+
+  Args:
+    cfg: The model config; `cfg.kind` should be "encoder".
+    rngs: Random streams.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, **kw)
+    self.layers = LayerStack(cfg, causal=False, rngs=rngs)
+    self.final_norm = NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs)
+    self.head_dense = Linear(cfg.d_model, cfg.d_model, axes=("embed", "embed"), use_bias=True,
+                             init_std=cfg.init_std, **kw)
+    self.head_norm = NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs)
+    self.decoder = (
+      None
+      if cfg.tie_embeddings
+      else Linear(cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), init_std=cfg.init_std,
+                  **kw)
+    )
+    self.vocab_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), cfg.storage_dtype),
+                                out_sharding=("vocab",), eager_sharding=False)
+
+  def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, cache=None,
+               cache_index=None) -> ModelOutput:
+    """Per-position vocabulary logits; arguments as in `DecoderLM` (no cache)."""
+    if cache is not None:
+      raise ValueError("an encoder has no decoding cache")
+    del cache_index
+    if positions_bt is None:
+      positions_bt = _positions(tokens_bt, None)
+    x = constrain(self.embed(tokens_bt), ("batch", "seq", "embed"))
+    x, _, aux = self.layers(x, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt)
+    x = self.final_norm(x)
+    x = self.head_norm(jax.nn.gelu(self.head_dense(x)))
+    logits = self.embed.attend(x) if self.decoder is None else self.decoder(x).astype(jnp.float32)
+    logits = logits + self.vocab_bias[...].astype(jnp.float32)
+    return ModelOutput(constrain(logits, ("batch", "seq", "vocab")), None, aux)
+
+
+MODELS = {"decoder": DecoderLM, "encoder": EncoderLM}
+
+
+def build_model(cfg: ModelConfig, *, seed: int = 0) -> DecoderLM | EncoderLM:
+  """Builds the model named by `cfg.kind` with parameters initialised from `seed`."""
+  return MODELS[cfg.kind](cfg, rngs=nnx.Rngs(params=seed))
