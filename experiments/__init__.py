@@ -1,0 +1,1 @@
+"""Experiment configs, thin absl entry points and benchmark scripts."""

@@ -1,0 +1,1 @@
+"""One ml-collections file per experiment; each module docstring is its launch command."""

@@ -1,0 +1,23 @@
+"""Training: config sections and validation, optimizer, jitted steps, checkpoints, the loop."""
+
+from training.checkpoint import Checkpointer
+from training.config import get_base_config, model_config, validate_experiment
+from training.loop import NonFiniteLossError, RunResult, load_run, train_and_evaluate
+from training.optim import build_optimizer, learning_rate_schedule
+from training.steps import TrainState, make_eval_step, make_train_step
+
+__all__ = [
+  "Checkpointer",
+  "NonFiniteLossError",
+  "RunResult",
+  "TrainState",
+  "build_optimizer",
+  "get_base_config",
+  "learning_rate_schedule",
+  "load_run",
+  "make_eval_step",
+  "make_train_step",
+  "model_config",
+  "train_and_evaluate",
+  "validate_experiment",
+]

@@ -1,0 +1,345 @@
+"""The training loop: build, resume, train, evaluate, checkpoint, report.
+
+`train_and_evaluate(config, workdir)` is the whole job behind `python -m experiments.train`.
+Each stage reads its own config section: data -> model -> optimizer -> mesh placement -> steps.
+A run killed at any point resumes from its last checkpoint with the same command and continues
+exactly (batches are a pure function of the step; the optimizer state is checkpointed), and
+SIGTERM writes a checkpoint before the process exits.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import data as data_lib
+import metrics as metrics_lib
+from models import build_model
+from models.config import ModelConfig
+from parallel import mesh as mesh_lib
+from training import config as config_lib
+from training.checkpoint import Checkpointer
+from training.optim import build_optimizer, learning_rate_schedule
+from training.steps import TrainState, make_eval_step, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when a step's loss or gradient is NaN/Inf and train.nonfinite == "stop"."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What a finished (or preempted) run reports back."""
+
+  step: int
+  train_loss: float | None
+  eval: dict[str, float]
+  report: dict[str, Any] | None
+  preempted: bool = False
+
+
+def _tokenizer_meta(dataset) -> dict | None:
+  tok = dataset.tokenizer
+  return tok.to_dict() if tok is not None else None
+
+
+def run_meta(model_cfg: ModelConfig, dataset) -> dict[str, Any]:
+  """The JSON stored with every checkpoint."""
+  return {"model": model_cfg.to_dict(), "tokenizer": _tokenizer_meta(dataset)}
+
+
+def init_state(model_cfg: ModelConfig, train_cfg, *, seed: int):
+  """Builds the model and a fresh TrainState; returns (graphdef, state, optimizer)."""
+  model = build_model(model_cfg, seed=seed)
+  graphdef, params = nnx.split(model)
+  params = params.to_pure_dict()
+  tx = build_optimizer(train_cfg, params)
+  return graphdef, TrainState.create(params, tx), tx
+
+
+def evaluate(eval_fn, params, batches, bytes_per_token: float | None) -> dict[str, float]:
+  """Mean loss, perplexity, accuracy and (for text) bits per byte over fixed eval batches."""
+  sums = [eval_fn(params, b) for b in batches]
+  loss_sum = float(sum(s["loss_sum"] for s in sums))
+  weight = float(sum(s["weight"] for s in sums))
+  correct = float(sum(s["correct"] for s in sums))
+  loss = loss_sum / max(weight, 1.0)
+  out = {
+    "eval_loss": loss,
+    "eval_perplexity": math.exp(min(loss, 50.0)),
+    "eval_accuracy": correct / max(weight, 1.0),
+  }
+  if bytes_per_token:
+    out["eval_bits_per_byte"] = loss / math.log(2) / bytes_per_token
+  return out
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag the loop polls between steps (main thread only)."""
+
+  def __init__(self):
+    self.set = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. a notebook worker): no handler.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.set = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResult:
+  """Trains `cfg` in `workdir`, resuming from the latest checkpoint there if any.
+
+  Args:
+    cfg: A full experiment config (see `training.config.get_base_config`).
+    workdir: Run directory for checkpoints, logs and the efficiency report.
+
+  Returns:
+    A `RunResult`.
+
+  Raises:
+    ValueError: A bad setting (before anything is compiled), missing data, or a checkpoint in
+      `workdir` from a different model.
+    NonFiniteLossError: A NaN/Inf loss with train.nonfinite == "stop".
+  """
+  wall_start = time.perf_counter()
+  config_lib.validate_experiment(cfg, num_devices=jax.device_count())
+  tc = cfg.train
+  mesh = mesh_lib.make_mesh(cfg.parallel)
+  dataset = data_lib.build_dataset(
+    cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
+  )
+  model_cfg = config_lib.model_config(cfg, dataset.vocab_size)
+  is_chief = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief:
+    _write_config(cfg, workdir)
+  logging.info("data: %s", dataset.describe())
+
+  graphdef, state, tx = init_state(model_cfg, tc, seed=tc.seed)
+  replicated = NamedSharding(mesh, P())
+  state = jax.device_put(state, replicated)
+  meta = run_meta(model_cfg, dataset)
+  ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
+                      async_save=cfg.checkpoint.async_save)
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    state, _, start_step = ckpt.restore(state, expected_meta=meta)
+    logging.info("resumed from %s at step %d", ckpt.latest.directory, start_step)
+
+  batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes()))
+
+  def to_device(batch):
+    return {
+      k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+      for k, v in batch.items()
+    }
+
+  step_fn = jax.jit(
+    make_train_step(graphdef, tx, grad_accum_steps=tc.grad_accum_steps, nonfinite=tc.nonfinite),
+    donate_argnums=0,
+  )
+  eval_fn = jax.jit(make_eval_step(graphdef))
+  example = to_device(dataset.train_batch(start_step))
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, example).compile()
+  compile_seconds = time.perf_counter() - t0
+  eval_batches = [to_device(b) for b in dataset.eval_batches(tc.eval_batches)]
+
+  peak = None
+  if cfg.report.measure_peak:
+    peak = metrics_lib.measure_matmul_peak(size=cfg.report.peak_matmul_size)["flops_per_second"]
+  meter = metrics_lib.EnergyMeter(cpu_watts_per_core=cfg.report.cpu_watts_per_core).start()
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_chief)
+  bar = _progress_bar(tc, start_step, is_chief)
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  lr_schedule = learning_rate_schedule(tc)
+  window_start, window_steps, step_seconds = time.perf_counter(), 0, []
+  last_eval: dict[str, float] = {}
+  train_loss = None
+  preempted = False
+  step = start_step
+  with _SigtermFlag() as sigterm:
+    batch = example
+    while step < tc.steps:
+      state, step_metrics = compiled(state, batch)
+      step += 1
+      window_steps += 1
+      if step < tc.steps:
+        batch = to_device(dataset.train_batch(step))  # Overlaps with the step running.
+      if bar is not None:
+        bar.update(1)
+      if step % tc.log_every == 0 or step == tc.steps:
+        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        now = time.perf_counter()
+        step_seconds.append((now - window_start) / window_steps)
+        window_start, window_steps = now, 0
+        scalars["tokens_per_s"] = tokens_per_step / step_seconds[-1]
+        scalars["learning_rate"] = float(lr_schedule(step - 1))
+        train_loss = scalars["loss"]
+        _check_nonfinite(state, tc.nonfinite)
+        writer.write_scalars(step, scalars)
+        _show(bar, step, scalars)
+      if step % tc.eval_every == 0 or step == tc.steps:
+        last_eval = evaluate(eval_fn, state.params, eval_batches, dataset.bytes_per_token)
+        writer.write_scalars(step, last_eval)
+        _show(bar, step, last_eval, eval_=True)
+        if cfg.checkpoint.keep_best:
+          ckpt.save_best(step, state, meta, last_eval["eval_loss"])
+        window_start = time.perf_counter()  # Eval time is not step time.
+      if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == tc.steps:
+        ckpt.save(step, state, meta)
+      if sigterm.set:
+        ckpt.save(step, state, meta)
+        preempted = True
+        logging.warning("SIGTERM at step %d: checkpoint saved; exiting", step)
+        break
+  ckpt.wait()
+  ckpt.close()
+  if bar is not None:
+    bar.close()
+  energy = meter.stop()
+
+  report = None
+  if not preempted:
+    report = _report(
+      cfg, model_cfg, state, compiled, compile_seconds, step_seconds, tokens_per_step,
+      time.perf_counter() - wall_start, energy, peak, last_eval,
+    )
+    if is_chief:
+      metrics_lib.write_report(report, os.path.join(workdir, "efficiency_report.json"))
+  writer.close()
+  return RunResult(step=step, train_loss=train_loss, eval=last_eval, report=report,
+                   preempted=preempted)
+
+
+def _check_nonfinite(state: TrainState, policy: str) -> None:
+  first = int(state.first_nonfinite_step)
+  if first < 0:
+    return
+  if policy == "stop":
+    raise NonFiniteLossError(
+      f"non-finite loss or gradient at step {first}; that update was skipped and training "
+      "stopped (train.nonfinite='stop'; 'skip' continues past such steps)"
+    )
+  logging.warning("%d update(s) skipped for non-finite loss/gradient (first at step %d)",
+                  int(state.nonfinite_count), first)
+
+
+def _progress_bar(tc, start_step: int, is_chief: bool):
+  if not (tc.progress_bar and is_chief):
+    return None
+  import sys
+
+  from tqdm import tqdm
+
+  return tqdm(total=tc.steps, initial=start_step, unit="step", dynamic_ncols=True,
+              disable=not sys.stderr.isatty())
+
+
+def _show(bar, step: int, scalars: dict[str, float], eval_: bool = False) -> None:
+  if eval_:
+    text = " ".join(f"{k}={v:.4f}" for k, v in scalars.items())
+    if bar is not None and not bar.disable:
+      bar.write(f"step {step}: {text}")
+    else:
+      logging.info("step %d: %s", step, text)
+    return
+  if bar is not None and not bar.disable:
+    bar.set_postfix(loss=f"{scalars['loss']:.4f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
+  else:
+    logging.info("step %d: loss=%.4f tokens/s=%.0f", step, scalars["loss"], scalars["tokens_per_s"])
+
+
+def _report(cfg, model_cfg, state, compiled, compile_seconds, step_seconds, tokens_per_step,
+            wall_seconds, energy, peak, last_eval):
+  n_params = metrics_lib.count_params(state.params)
+  analytic = None
+  if set(model_cfg.mixer_pattern) == {"dense"} and model_cfg.mlp in ("swiglu", "gelu"):
+    analytic = metrics_lib.transformer_flops_per_token(
+      num_layers=model_cfg.num_layers, d_model=model_cfg.d_model, num_heads=model_cfg.num_heads,
+      num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.resolved_head_dim,
+      mlp_dim=model_cfg.mlp_dim, mlp_kind=model_cfg.mlp, vocab_size=model_cfg.vocab_size,
+      seq_len=cfg.data.seq_len, causal=model_cfg.kind == "decoder",
+    )
+  # Drop the first window (it absorbs first-call overheads) when there are enough.
+  timed = step_seconds[1:] if len(step_seconds) > 2 else step_seconds
+  return metrics_lib.build_report(
+    params_total=n_params,
+    params_trainable=n_params,
+    params_active_per_token=n_params,
+    analytic_flops_per_token=analytic,
+    compiled=compiled,
+    tokens_per_step=tokens_per_step,
+    steps_timed=len(timed),
+    compile_seconds=compile_seconds,
+    step_seconds=timed,
+    total_wall_seconds=wall_seconds,
+    energy=energy,
+    peak_flops_per_second=peak,
+    cfg=cfg.report,
+    extra={"eval": last_eval, "scan_layers": model_cfg.scan_layers},
+  )
+
+
+def load_run(workdir: str, *, best: bool = False):
+  """Rebuilds a trained model from a workdir alone.
+
+  Returns:
+    (config, model with restored parameters, checkpoint meta, step).
+
+  Raises:
+    ValueError: No run or no checkpoint in `workdir`.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"--workdir={workdir} holds no run (no config.json); train there first")
+  with open(path) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, keep_best=True, async_save=False)
+  meta = ckpt.read_meta(best=best)
+  model_cfg = ModelConfig.from_config_dict(meta["model"])
+  graphdef, abstract, _ = _abstract_state(model_cfg, cfg.train)
+  state, meta, step = ckpt.restore(abstract, best=best)
+  ckpt.close()
+  model = nnx.merge(graphdef, state.params)
+  return cfg, model, meta, step
+
+
+def _abstract_state(model_cfg, train_cfg):
+  out = {}
+
+  def build():
+    graphdef, state, tx = init_state(model_cfg, train_cfg, seed=0)
+    out["graphdef"], out["tx"] = graphdef, tx
+    return state
+
+  abstract = jax.eval_shape(build)
+  return out["graphdef"], abstract, out["tx"]
