@@ -89,7 +89,8 @@ class ModelConfig:
     if self.mlp_dim == 0:
       hidden = 4 * self.d_model if self.mlp == "gelu" else int(8 * self.d_model / 3)
       object.__setattr__(self, "mlp_dim", hidden)
-    object.__setattr__(self, "mixer_options", dict(self.mixer_options))
+    # Stored as sorted (key, value) pairs so the config (and graphs holding it) stay hashable.
+    object.__setattr__(self, "mixer_options", tuple(sorted(dict(self.mixer_options).items())))
     self.validate()
 
   @classmethod
@@ -102,7 +103,9 @@ class ModelConfig:
     return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    d["mixer_options"] = dict(self.mixer_options)
+    return d
 
   # Derived values.
   @property

@@ -17,7 +17,19 @@ import orbax.checkpoint as ocp
 
 
 def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _handlers():
+  return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
 class Checkpointer:
@@ -36,7 +48,7 @@ class Checkpointer:
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                         create=True)
     self.latest = ocp.CheckpointManager(
-      os.path.join(self.workdir, "checkpoints"), item_names=("state", "meta"), options=opts
+      os.path.join(self.workdir, "checkpoints"), item_handlers=_handlers(), options=opts
     )
     self.best = None
     if keep_best:
@@ -45,7 +57,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save, create=True,
       )
       self.best = ocp.CheckpointManager(
-        os.path.join(self.workdir, "best"), item_names=("state", "meta"), options=best_opts
+        os.path.join(self.workdir, "best"), item_handlers=_handlers(), options=best_opts
       )
 
   def latest_step(self) -> int | None:
@@ -68,9 +80,15 @@ class Checkpointer:
     return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
 
   def read_meta(self, step: int | None = None, *, best: bool = False) -> dict[str, Any]:
+    """The JSON metadata saved with a checkpoint (default: the latest)."""
     mngr = self._manager(best)
     step = self._step(mngr, step)
-    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    path = os.path.join(mngr.directory, str(step), "meta")
+    try:
+      with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+        return reader.restore(path)
+    except Exception as e:
+      raise ValueError(f"checkpoint metadata {path} could not be read: {type(e).__name__}: {e}") from e
 
   def restore(self, target, *, step: int | None = None, best: bool = False,
               expected_meta: dict[str, Any] | None = None):

@@ -141,7 +141,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
   os.makedirs(workdir, exist_ok=True)
   if is_chief:
     _write_config(cfg, workdir)
-  logging.info("data: %s", dataset.describe())
+  _say(is_chief, f"data: {dataset.describe()}")
 
   graphdef, state, tx = init_state(model_cfg, tc, seed=tc.seed)
   replicated = NamedSharding(mesh, P())
@@ -152,7 +152,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
   start_step = 0
   if ckpt.latest_step() is not None:
     state, _, start_step = ckpt.restore(state, expected_meta=meta)
-    logging.info("resumed from %s at step %d", ckpt.latest.directory, start_step)
+    _say(is_chief, f"resumed from {ckpt.latest.directory} at step {start_step}")
 
   batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes()))
 
@@ -219,7 +219,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
       if sigterm.set:
         ckpt.save(step, state, meta)
         preempted = True
-        logging.warning("SIGTERM at step %d: checkpoint saved; exiting", step)
+        _say(is_chief, f"SIGTERM at step {step}: checkpoint saved; exiting")
         break
   ckpt.wait()
   ckpt.close()
@@ -253,6 +253,11 @@ def _check_nonfinite(state: TrainState, policy: str) -> None:
                   int(state.nonfinite_count), first)
 
 
+def _say(is_chief: bool, message: str) -> None:
+  if is_chief:
+    print(message, flush=True)
+
+
 def _progress_bar(tc, start_step: int, is_chief: bool):
   if not (tc.progress_bar and is_chief):
     return None
@@ -269,13 +274,14 @@ def _show(bar, step: int, scalars: dict[str, float], eval_: bool = False) -> Non
     text = " ".join(f"{k}={v:.4f}" for k, v in scalars.items())
     if bar is not None and not bar.disable:
       bar.write(f"step {step}: {text}")
-    else:
-      logging.info("step %d: %s", step, text)
+    elif bar is not None:
+      print(f"step {step}: {text}", flush=True)
     return
   if bar is not None and not bar.disable:
     bar.set_postfix(loss=f"{scalars['loss']:.4f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
-  else:
-    logging.info("step %d: loss=%.4f tokens/s=%.0f", step, scalars["loss"], scalars["tokens_per_s"])
+  elif bar is not None:
+    print(f"step {step}: loss={scalars['loss']:.4f} tokens/s={scalars['tokens_per_s']:.0f}",
+          flush=True)
 
 
 def _report(cfg, model_cfg, state, compiled, compile_seconds, step_seconds, tokens_per_step,

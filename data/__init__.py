@@ -1,0 +1,36 @@
+"""Data for experiments: tokenizers, synthetic tasks, text loading and step-indexed batches.
+
+`build_dataset(config.data)` returns a `Dataset` whose `train_batch(step)` is a pure function of
+`(seed, step)` and holds only this process's rows of the global batch.
+"""
+
+from data.pipeline import Dataset, build_dataset, get_default_config, validate_config
+from data.synthetic import TASKS, copy_task, evaluate_listops, listops, mqar
+from data.text import load_text
+from data.tokenizers import (
+  ByteTokenizer,
+  CharTokenizer,
+  SentencePieceTokenizer,
+  Tokenizer,
+  build_tokenizer,
+  tokenizer_from_dict,
+)
+
+__all__ = [
+  "TASKS",
+  "ByteTokenizer",
+  "CharTokenizer",
+  "Dataset",
+  "SentencePieceTokenizer",
+  "Tokenizer",
+  "build_dataset",
+  "build_tokenizer",
+  "copy_task",
+  "evaluate_listops",
+  "get_default_config",
+  "listops",
+  "load_text",
+  "mqar",
+  "tokenizer_from_dict",
+  "validate_config",
+]
