@@ -11,7 +11,9 @@ from ml_collections import config_flags
 
 def define_config_flag() -> None:
   config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, optionally with a variant: path.py[:variant].",
+    "config",
+    None,
+    "Experiment config file, optionally with a variant: path.py[:variant].",
     lock_config=True,
   )
 

@@ -34,8 +34,10 @@ def main(argv):
   graphdef, params = nnx.split(model)
   eval_fn = jax.jit(make_eval_step(graphdef))
   batches = dataset.eval_batches(FLAGS.eval_batches or cfg.train.eval_batches)
-  result = {"step": step, **evaluate(eval_fn, params.to_pure_dict(), batches,
-                                     dataset.bytes_per_token)}
+  result = {
+    "step": step,
+    **evaluate(eval_fn, params.to_pure_dict(), batches, dataset.bytes_per_token),
+  }
   for k, v in result.items():
     print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
   with open(os.path.join(FLAGS.workdir, "eval.json"), "w") as f:

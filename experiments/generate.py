@@ -52,13 +52,21 @@ def main(argv):
 
   _, model, meta, _ = load_run(FLAGS.workdir, best=FLAGS.best)
   if model.cfg.kind != "decoder":
-    raise ValueError(f"generation needs a decoder model; this run's model.kind is {model.cfg.kind!r}")
+    raise ValueError(
+      f"generation needs a decoder model; this run's model.kind is {model.cfg.kind!r}"
+    )
   tokenizer = tokenizer_from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
   ids = parse_prompt(FLAGS.prompt, tokenizer)
   prompt = np.repeat(ids[None], FLAGS.num_samples, axis=0)
-  out = generate(model, prompt, max_new_tokens=FLAGS.max_new_tokens,
-                 rng=jax.random.key(FLAGS.seed), temperature=FLAGS.temperature,
-                 top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+  out = generate(
+    model,
+    prompt,
+    max_new_tokens=FLAGS.max_new_tokens,
+    rng=jax.random.key(FLAGS.seed),
+    temperature=FLAGS.temperature,
+    top_k=FLAGS.top_k,
+    top_p=FLAGS.top_p,
+  )
   for row in np.asarray(out):
     print(tokenizer.decode(row) if tokenizer is not None else ",".join(map(str, row)))
     print("-" * 40)

@@ -25,22 +25,29 @@ def sample_from_run(workdir: str, max_new_tokens: int) -> str:
     pred = np.asarray(jax.numpy.argmax(logits, -1))
     scored = np.flatnonzero(np.asarray(batch["weights"][0]) > 0)
     hits = pred[scored] == targets[scored]
-    rows = [f"    input {inputs[i]:>4} -> predicted {pred[i]:>4}  (true {targets[i]})"
-            for i in scored[:8]]
+    rows = [
+      f"    input {inputs[i]:>4} -> predicted {pred[i]:>4}  (true {targets[i]})" for i in scored[:8]
+    ]
     return "\n".join(
-      [f"Predictions at scored positions of one eval sequence (step {step}):", *rows,
-       f"  correct: {hits.sum()}/{hits.size}"]
+      [
+        f"Predictions at scored positions of one eval sequence (step {step}):",
+        *rows,
+        f"  correct: {hits.sum()}/{hits.size}",
+      ]
     )
   prompt_len = len(inputs) // 2
   new = min(max_new_tokens, model.cfg.max_seq_len - prompt_len)
   out = np.asarray(
-    generate(model, inputs[None, :prompt_len], max_new_tokens=new, rng=jax.random.key(0),
-             temperature=0.0)
+    generate(
+      model, inputs[None, :prompt_len], max_new_tokens=new, rng=jax.random.key(0), temperature=0.0
+    )
   )[0]
   reference = targets[prompt_len - 1 :][:new]
-  return "\n".join([
-    f"Sample (step {step}, greedy, {new} tokens after a {prompt_len}-token eval prompt):",
-    f"  prompt:    {tok.decode(inputs[:prompt_len])!r}",
-    f"  model:     {tok.decode(out[prompt_len:])!r}",
-    f"  reference: {tok.decode(reference)!r}",
-  ])
+  return "\n".join(
+    [
+      f"Sample (step {step}, greedy, {new} tokens after a {prompt_len}-token eval prompt):",
+      f"  prompt:    {tok.decode(inputs[:prompt_len])!r}",
+      f"  model:     {tok.decode(out[prompt_len:])!r}",
+      f"  reference: {tok.decode(reference)!r}",
+    ]
+  )

@@ -14,8 +14,14 @@ from flax import nnx
 _MASKED = -jnp.inf
 
 
-def sample_logits(logits_bv: jax.Array, rng: jax.Array, *, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+def sample_logits(
+  logits_bv: jax.Array,
+  rng: jax.Array,
+  *,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+) -> jax.Array:
   """Draws one token per row.
 
   Args:
@@ -46,16 +52,24 @@ def sample_logits(logits_bv: jax.Array, rng: jax.Array, *, temperature: float = 
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # Mass strictly above each token.
     drop_sorted = before >= top_p  # The top token always has before == 0, so it is kept.
-    drop = jnp.zeros_like(drop_sorted).at[
-      jnp.arange(logits.shape[0])[:, None], order
-    ].set(drop_sorted)
+    drop = (
+      jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+    )
     logits = jnp.where(drop, _MASKED, logits)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def generate(model: nnx.Module, prompt_bt: jax.Array, *, max_new_tokens: int, rng: jax.Array,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = None) -> jax.Array:
+def generate(
+  model: nnx.Module,
+  prompt_bt: jax.Array,
+  *,
+  max_new_tokens: int,
+  rng: jax.Array,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  eos_id: int | None = None,
+) -> jax.Array:
   """Continues each prompt by `max_new_tokens` tokens.
 
   Args:
@@ -77,7 +91,9 @@ def generate(model: nnx.Module, prompt_bt: jax.Array, *, max_new_tokens: int, rn
   total = p + max_new_tokens
   max_len = model.cfg.max_seq_len
   if p < 1 or max_new_tokens < 1:
-    raise ValueError(f"need a non-empty prompt and max_new_tokens >= 1; got {p} and {max_new_tokens}")
+    raise ValueError(
+      f"need a non-empty prompt and max_new_tokens >= 1; got {p} and {max_new_tokens}"
+    )
   if total > max_len:
     raise ValueError(
       f"prompt ({p}) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds the model's "
@@ -85,15 +101,25 @@ def generate(model: nnx.Module, prompt_bt: jax.Array, *, max_new_tokens: int, rn
     )
   sample_logits(jnp.zeros((1, 2)), rng, temperature=temperature, top_k=top_k, top_p=top_p)
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, prompt_bt, rng, max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
+  return _generate(
+    graphdef,
+    state,
+    prompt_bt,
+    rng,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    eos_id=eos_id,
+  )
 
 
 @functools.partial(
   jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id")
 )
-def _generate(graphdef, state, prompt_bt, rng, *, max_new_tokens, temperature, top_k, top_p,
-              eos_id):
+def _generate(
+  graphdef, state, prompt_bt, rng, *, max_new_tokens, temperature, top_k, top_p, eos_id
+):
   model = nnx.merge(graphdef, state)
   b, p = prompt_bt.shape
   cache = model.init_cache(b, p + max_new_tokens)

@@ -1,8 +1,8 @@
 """Flax NNX layers and language models. Importing the package registers every built-in layer.
 
-    from models import ModelConfig, build_model
-    model = build_model(ModelConfig(vocab_size=256, d_model=128, num_layers=2, num_heads=4))
-    out = model(tokens)  # ModelOutput(logits, cache, aux_loss)
+from models import ModelConfig, build_model
+model = build_model(ModelConfig(vocab_size=256, d_model=128, num_layers=2, num_heads=4))
+out = model(tokens)  # ModelOutput(logits, cache, aux_loss)
 """
 
 from models import attention, mlp, norms  # noqa: F401  (registers mixers, MLPs, norms)

@@ -99,7 +99,9 @@ class ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-      raise ValueError(f"model.{unknown[0]} is not a model setting; known: {', '.join(sorted(known))}")
+      raise ValueError(
+        f"model.{unknown[0]} is not a model setting; known: {', '.join(sorted(known))}"
+      )
     return cls(**d)
 
   def to_dict(self) -> dict[str, Any]:

@@ -48,9 +48,7 @@ class Linear(nnx.Module):
     self.dtype = dtype
     shape = (in_features, *self.out_shape)
     self.kernel = param(init_std * jax.random.normal(rngs.params(), shape, param_dtype), axes)
-    self.bias = (
-      param(jnp.zeros(self.out_shape, param_dtype), tuple(axes)[1:]) if use_bias else None
-    )
+    self.bias = param(jnp.zeros(self.out_shape, param_dtype), tuple(axes)[1:]) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     lead = x.shape[:-1]

@@ -20,8 +20,17 @@ class SwiGLU(nnx.Module):
     rngs: Random streams.
   """
 
-  def __init__(self, dim, hidden, *, init_std=0.02, out_init_std=0.02, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim,
+    hidden,
+    *,
+    init_std=0.02,
+    out_init_std=0.02,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gate = Linear(dim, hidden, axes=("embed", "mlp"), init_std=init_std, **kw)
     self.up = Linear(dim, hidden, axes=("embed", "mlp"), init_std=init_std, **kw)
@@ -34,8 +43,17 @@ class SwiGLU(nnx.Module):
 class GeluMLP(nnx.Module):
   """down(gelu(up(x))) as in GPT-2 and BERT. Arguments as in `SwiGLU`."""
 
-  def __init__(self, dim, hidden, *, init_std=0.02, out_init_std=0.02, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim,
+    hidden,
+    *,
+    init_std=0.02,
+    out_init_std=0.02,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.up = Linear(dim, hidden, axes=("embed", "mlp"), use_bias=True, init_std=init_std, **kw)
     self.down = Linear(

@@ -137,7 +137,9 @@ class LayerStack(nnx.Module):
     def make(key):
       return nnx.state(BlockGroup(cfg, causal=causal, rngs=nnx.Rngs(key)))
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: BlockGroup(cfg, causal=causal, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(
+      nnx.eval_shape(lambda: BlockGroup(cfg, causal=causal, rngs=nnx.Rngs(0)))
+    )
     self.groups = nnx.merge(graphdef, jax.vmap(make)(keys))
     for _, var in nnx.iter_graph(self.groups):
       if isinstance(var, nnx.Variable) and var.get_metadata().get("out_sharding"):
@@ -197,8 +199,12 @@ class DecoderLM(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = Embed(
-      cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=cfg.compute_dtype,
-      param_dtype=cfg.storage_dtype, rngs=rngs,
+      cfg.vocab_size,
+      cfg.d_model,
+      init_std=cfg.init_std,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.storage_dtype,
+      rngs=rngs,
     )
     self.layers = LayerStack(cfg, causal=True, rngs=rngs)
     self.final_norm = NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs)
@@ -206,8 +212,13 @@ class DecoderLM(nnx.Module):
       None
       if cfg.tie_embeddings
       else Linear(
-        cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), init_std=cfg.init_std,
-        dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs,
+        cfg.d_model,
+        cfg.vocab_size,
+        axes=("embed", "vocab"),
+        init_std=cfg.init_std,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.storage_dtype,
+        rngs=rngs,
       )
     )
 
@@ -240,14 +251,14 @@ class DecoderLM(nnx.Module):
       positions_bt = _positions(tokens_bt, cache_index)
     x = constrain(self.embed(tokens_bt), ("batch", "seq", "embed"))
     x, cache, aux = self.layers(
-      x, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, caches=cache,
+      x,
+      positions_bt=positions_bt,
+      segment_ids_bt=segment_ids_bt,
+      caches=cache,
       cache_index=cache_index,
     )
     x = self.final_norm(x)
-    if self.lm_head is None:
-      logits = self.embed.attend(x)
-    else:
-      logits = self.lm_head(x).astype(jnp.float32)
+    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x).astype(jnp.float32)
     return ModelOutput(constrain(logits, ("batch", "seq", "vocab")), cache, aux)
 
 
@@ -267,20 +278,22 @@ class EncoderLM(nnx.Module):
     self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, **kw)
     self.layers = LayerStack(cfg, causal=False, rngs=rngs)
     self.final_norm = NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs)
-    self.head_dense = Linear(cfg.d_model, cfg.d_model, axes=("embed", "embed"), use_bias=True,
-                             init_std=cfg.init_std, **kw)
+    self.head_dense = Linear(
+      cfg.d_model, cfg.d_model, axes=("embed", "embed"), use_bias=True, init_std=cfg.init_std, **kw
+    )
     self.head_norm = NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs)
     self.decoder = (
       None
       if cfg.tie_embeddings
-      else Linear(cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), init_std=cfg.init_std,
-                  **kw)
+      else Linear(cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), init_std=cfg.init_std, **kw)
     )
-    self.vocab_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), cfg.storage_dtype),
-                                out_sharding=("vocab",), eager_sharding=False)
+    self.vocab_bias = nnx.Param(
+      jnp.zeros((cfg.vocab_size,), cfg.storage_dtype), out_sharding=("vocab",), eager_sharding=False
+    )
 
-  def __call__(self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, cache=None,
-               cache_index=None) -> ModelOutput:
+  def __call__(
+    self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, cache=None, cache_index=None
+  ) -> ModelOutput:
     """Per-position vocabulary logits; arguments as in `DecoderLM` (no cache)."""
     if cache is not None:
       raise ValueError("an encoder has no decoding cache")

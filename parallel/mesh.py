@@ -41,7 +41,9 @@ def mesh_shape(cfg, num_devices: int) -> dict[str, int]:
     if n == 0 or n < -1:
       raise ValueError(f"parallel.{axis}={n} must be a positive size or -1 (all remaining devices)")
   if len(auto) > 1:
-    raise ValueError(f"only one mesh axis may be -1; got {', '.join('parallel.' + a for a in auto)}")
+    raise ValueError(
+      f"only one mesh axis may be -1; got {', '.join('parallel.' + a for a in auto)}"
+    )
   fixed = math.prod(n for n in sizes.values() if n != -1)
   if auto:
     if num_devices % fixed:

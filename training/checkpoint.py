@@ -42,19 +42,24 @@ class Checkpointer:
     async_save: Write in a background thread (`wait()` blocks until written).
   """
 
-  def __init__(self, workdir: str, *, keep: int = 3, keep_best: bool = True,
-               async_save: bool = True):
+  def __init__(
+    self, workdir: str, *, keep: int = 3, keep_best: bool = True, async_save: bool = True
+  ):
     self.workdir = os.path.abspath(workdir)
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                        create=True)
+    opts = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+    )
     self.latest = ocp.CheckpointManager(
       os.path.join(self.workdir, "checkpoints"), item_handlers=_handlers(), options=opts
     )
     self.best = None
     if keep_best:
       best_opts = ocp.CheckpointManagerOptions(
-        max_to_keep=1, best_fn=lambda m: m["eval_loss"], best_mode="min",
-        enable_async_checkpointing=async_save, create=True,
+        max_to_keep=1,
+        best_fn=lambda m: m["eval_loss"],
+        best_mode="min",
+        enable_async_checkpointing=async_save,
+        create=True,
       )
       self.best = ocp.CheckpointManager(
         os.path.join(self.workdir, "best"), item_handlers=_handlers(), options=best_opts
@@ -72,8 +77,9 @@ class Checkpointer:
     """Offers `state` as the best checkpoint; kept only if its eval loss is the lowest so far."""
     if self.best is None or not np.isfinite(eval_loss) or step in self.best.all_steps():
       return
-    self.best.save(step, args=self._args(state, meta), metrics={"eval_loss": float(eval_loss)},
-                   force=True)
+    self.best.save(
+      step, args=self._args(state, meta), metrics={"eval_loss": float(eval_loss)}, force=True
+    )
 
   @staticmethod
   def _args(state, meta):
@@ -88,10 +94,18 @@ class Checkpointer:
       with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
         return reader.restore(path)
     except Exception as e:
-      raise ValueError(f"checkpoint metadata {path} could not be read: {type(e).__name__}: {e}") from e
+      raise ValueError(
+        f"checkpoint metadata {path} could not be read: {type(e).__name__}: {e}"
+      ) from e
 
-  def restore(self, target, *, step: int | None = None, best: bool = False,
-              expected_meta: dict[str, Any] | None = None):
+  def restore(
+    self,
+    target,
+    *,
+    step: int | None = None,
+    best: bool = False,
+    expected_meta: dict[str, Any] | None = None,
+  ):
     """Restores into the structure, shapes, dtypes and shardings of `target`.
 
     Args:
@@ -162,7 +176,9 @@ class Checkpointer:
   def _step(mngr, step):
     step = mngr.latest_step() if step is None else step
     if step is None or step not in mngr.all_steps():
-      raise ValueError(f"no checkpoint{'' if step is None else f' at step {step}'} in {mngr.directory}")
+      raise ValueError(
+        f"no checkpoint{'' if step is None else f' at step {step}'} in {mngr.directory}"
+      )
     return step
 
   def wait(self):

@@ -31,6 +31,7 @@ def get_train_defaults() -> ml_collections.ConfigDict:
       weight_decay=0.1,  # Applied to matrices only, not to norms or biases.
       grad_clip=1.0,  # Global-norm clipping; 0 disables.
       grad_accum_steps=1,  # Microbatches per optimizer step (batch_size is the total).
+      steps_per_call=1,  # Optimizer steps per compiled call (a device-side loop; small models).
       nonfinite="stop",  # On a NaN/Inf loss or gradient: "stop" with the step, or "skip" it.
       log_every=50,
       eval_every=250,
@@ -98,12 +99,34 @@ def validate_experiment(cfg: ml_collections.ConfigDict, *, num_devices: int = 1)
   known = {"name", "model", "data", "train", "checkpoint", "parallel", "report", "compress"}
   unknown = sorted(set(cfg.keys()) - known)
   if unknown:
-    raise ValueError(f"config section {unknown[0]!r} is not known; sections: {', '.join(sorted(known))}")
+    raise ValueError(
+      f"config section {unknown[0]!r} is not known; sections: {', '.join(sorted(known))}"
+    )
   model = model_config(cfg)
   data_lib.validate_config(cfg.data)
   t = cfg.train
-  _positive("train", t, "steps", "learning_rate", "log_every", "eval_every", "eval_batches",
-            "grad_accum_steps")
+  _positive(
+    "train",
+    t,
+    "steps",
+    "learning_rate",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "grad_accum_steps",
+    "steps_per_call",
+  )
+  k = t.steps_per_call
+  for section, name in (
+    ("train", "steps"),
+    ("train", "log_every"),
+    ("train", "eval_every"),
+    ("checkpoint", "every"),
+  ):
+    if cfg[section][name] % k:
+      raise ValueError(
+        f"{section}.{name}={cfg[section][name]} is not a multiple of train.steps_per_call={k}"
+      )
   for name in ("warmup_steps", "decay_steps", "weight_decay", "grad_clip", "end_learning_rate"):
     if t[name] < 0:
       raise ValueError(f"train.{name}={t[name]} must be >= 0")
@@ -124,7 +147,9 @@ def validate_experiment(cfg: ml_collections.ConfigDict, *, num_devices: int = 1)
   if model.kind == "encoder" and cfg.data.objective != "mlm":
     raise ValueError(f"model.kind='encoder' needs data.objective='mlm', got {cfg.data.objective!r}")
   if model.kind == "decoder" and cfg.data.objective != "causal":
-    raise ValueError(f"model.kind='decoder' needs data.objective='causal', got {cfg.data.objective!r}")
+    raise ValueError(
+      f"model.kind='decoder' needs data.objective='causal', got {cfg.data.objective!r}"
+    )
   sizes = mesh_lib.mesh_shape(cfg.parallel, num_devices)
   batch_shards = sizes["data"] * sizes["fsdp"]
   micro = cfg.data.batch_size // t.grad_accum_steps

@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -32,7 +31,7 @@ from parallel import mesh as mesh_lib
 from training import config as config_lib
 from training.checkpoint import Checkpointer
 from training.optim import build_optimizer, learning_rate_schedule
-from training.steps import TrainState, make_eval_step, make_train_step
+from training.steps import TrainState, make_eval_step, make_multi_step, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -147,27 +146,42 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
   replicated = NamedSharding(mesh, P())
   state = jax.device_put(state, replicated)
   meta = run_meta(model_cfg, dataset)
-  ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
-                      async_save=cfg.checkpoint.async_save)
+  ckpt = Checkpointer(
+    workdir,
+    keep=cfg.checkpoint.keep,
+    keep_best=cfg.checkpoint.keep_best,
+    async_save=cfg.checkpoint.async_save,
+  )
   start_step = 0
   if ckpt.latest_step() is not None:
     state, _, start_step = ckpt.restore(state, expected_meta=meta)
     _say(is_chief, f"resumed from {ckpt.latest.directory} at step {start_step}")
 
   batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes()))
+  k = tc.steps_per_call
+  stacked_sharding = NamedSharding(mesh, P(None, mesh_lib.batch_axes()))
 
-  def to_device(batch):
+  def to_device(batch, sharding=batch_sharding):
     return {
-      k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-      for k, v in batch.items()
+      key: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+      for key, v in batch.items()
     }
 
-  step_fn = jax.jit(
-    make_train_step(graphdef, tx, grad_accum_steps=tc.grad_accum_steps, nonfinite=tc.nonfinite),
-    donate_argnums=0,
+  def train_batches(first_step: int):
+    """The batches of steps [first_step, first_step + k), stacked when k > 1."""
+    if k == 1:
+      return to_device(dataset.train_batch(first_step))
+    batches = [dataset.train_batch(first_step + i) for i in range(k)]
+    return to_device(
+      {key: np.stack([b[key] for b in batches]) for key in batches[0]}, stacked_sharding
+    )
+
+  train_step = make_train_step(
+    graphdef, tx, grad_accum_steps=tc.grad_accum_steps, nonfinite=tc.nonfinite
   )
+  step_fn = jax.jit(make_multi_step(train_step, k), donate_argnums=0)
   eval_fn = jax.jit(make_eval_step(graphdef))
-  example = to_device(dataset.train_batch(start_step))
+  example = train_batches(start_step)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, example).compile()
   compile_seconds = time.perf_counter() - t0
@@ -190,14 +204,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
     batch = example
     while step < tc.steps:
       state, step_metrics = compiled(state, batch)
-      step += 1
-      window_steps += 1
+      step += k
+      window_steps += k
       if step < tc.steps:
-        batch = to_device(dataset.train_batch(step))  # Overlaps with the step running.
+        batch = train_batches(step)  # Prepared on the host while the step runs.
       if bar is not None:
-        bar.update(1)
+        bar.update(k)
       if step % tc.log_every == 0 or step == tc.steps:
-        scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        step_metrics = jax.tree.map(lambda x: x[-1] if k > 1 else x, step_metrics)
+        scalars = {key: float(v) for key, v in jax.device_get(step_metrics).items()}
         now = time.perf_counter()
         step_seconds.append((now - window_start) / window_steps)
         window_start, window_steps = now, 0
@@ -230,14 +245,24 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
   report = None
   if not preempted:
     report = _report(
-      cfg, model_cfg, state, compiled, compile_seconds, step_seconds, tokens_per_step,
-      time.perf_counter() - wall_start, energy, peak, last_eval,
+      cfg,
+      model_cfg,
+      state,
+      compiled,
+      compile_seconds,
+      step_seconds,
+      tokens_per_step,
+      time.perf_counter() - wall_start,
+      energy,
+      peak,
+      last_eval,
     )
     if is_chief:
       metrics_lib.write_report(report, os.path.join(workdir, "efficiency_report.json"))
   writer.close()
-  return RunResult(step=step, train_loss=train_loss, eval=last_eval, report=report,
-                   preempted=preempted)
+  return RunResult(
+    step=step, train_loss=train_loss, eval=last_eval, report=report, preempted=preempted
+  )
 
 
 def _check_nonfinite(state: TrainState, policy: str) -> None:
@@ -249,8 +274,11 @@ def _check_nonfinite(state: TrainState, policy: str) -> None:
       f"non-finite loss or gradient at step {first}; that update was skipped and training "
       "stopped (train.nonfinite='stop'; 'skip' continues past such steps)"
     )
-  logging.warning("%d update(s) skipped for non-finite loss/gradient (first at step %d)",
-                  int(state.nonfinite_count), first)
+  logging.warning(
+    "%d update(s) skipped for non-finite loss/gradient (first at step %d)",
+    int(state.nonfinite_count),
+    first,
+  )
 
 
 def _say(is_chief: bool, message: str) -> None:
@@ -265,8 +293,13 @@ def _progress_bar(tc, start_step: int, is_chief: bool):
 
   from tqdm import tqdm
 
-  return tqdm(total=tc.steps, initial=start_step, unit="step", dynamic_ncols=True,
-              disable=not sys.stderr.isatty())
+  return tqdm(
+    total=tc.steps,
+    initial=start_step,
+    unit="step",
+    dynamic_ncols=True,
+    disable=not sys.stderr.isatty(),
+  )
 
 
 def _show(bar, step: int, scalars: dict[str, float], eval_: bool = False) -> None:
@@ -280,20 +313,38 @@ def _show(bar, step: int, scalars: dict[str, float], eval_: bool = False) -> Non
   if bar is not None and not bar.disable:
     bar.set_postfix(loss=f"{scalars['loss']:.4f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
   elif bar is not None:
-    print(f"step {step}: loss={scalars['loss']:.4f} tokens/s={scalars['tokens_per_s']:.0f}",
-          flush=True)
+    print(
+      f"step {step}: loss={scalars['loss']:.4f} tokens/s={scalars['tokens_per_s']:.0f}", flush=True
+    )
 
 
-def _report(cfg, model_cfg, state, compiled, compile_seconds, step_seconds, tokens_per_step,
-            wall_seconds, energy, peak, last_eval):
+def _report(
+  cfg,
+  model_cfg,
+  state,
+  compiled,
+  compile_seconds,
+  step_seconds,
+  tokens_per_step,
+  wall_seconds,
+  energy,
+  peak,
+  last_eval,
+):
   n_params = metrics_lib.count_params(state.params)
   analytic = None
   if set(model_cfg.mixer_pattern) == {"dense"} and model_cfg.mlp in ("swiglu", "gelu"):
     analytic = metrics_lib.transformer_flops_per_token(
-      num_layers=model_cfg.num_layers, d_model=model_cfg.d_model, num_heads=model_cfg.num_heads,
-      num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.resolved_head_dim,
-      mlp_dim=model_cfg.mlp_dim, mlp_kind=model_cfg.mlp, vocab_size=model_cfg.vocab_size,
-      seq_len=cfg.data.seq_len, causal=model_cfg.kind == "decoder",
+      num_layers=model_cfg.num_layers,
+      d_model=model_cfg.d_model,
+      num_heads=model_cfg.num_heads,
+      num_kv_heads=model_cfg.num_kv_heads,
+      head_dim=model_cfg.resolved_head_dim,
+      mlp_dim=model_cfg.mlp_dim,
+      mlp_kind=model_cfg.mlp,
+      vocab_size=model_cfg.vocab_size,
+      seq_len=cfg.data.seq_len,
+      causal=model_cfg.kind == "decoder",
     )
   # Drop the first window (it absorbs first-call overheads) when there are enough.
   timed = step_seconds[1:] if len(step_seconds) > 2 else step_seconds

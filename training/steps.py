@@ -57,8 +57,9 @@ def _forward(graphdef, params, batch):
   return loss_sum, weight, correct, out.aux_loss
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, grad_accum_steps: int = 1,
-                    nonfinite: str = "stop"):
+def make_train_step(
+  graphdef, tx: optax.GradientTransformation, *, grad_accum_steps: int = 1, nonfinite: str = "stop"
+):
   """Builds `train_step(state, batch) -> (state, metrics)`.
 
   The loss is the weighted mean cross-entropy over the whole batch (plus the model's auxiliary
@@ -137,3 +138,18 @@ def make_eval_step(graphdef):
     return {"loss_sum": loss_sum, "weight": weight, "correct": correct}
 
   return eval_step
+
+
+def make_multi_step(train_step, steps_per_call: int):
+  """Runs `steps_per_call` train steps in one compiled call over batches stacked on axis 0.
+
+  On small models the per-call dispatch and host round trip is a large share of a step; looping
+  on device removes it. Metrics come back stacked, [steps_per_call, ...].
+  """
+  if steps_per_call == 1:
+    return train_step
+
+  def multi_step(state: TrainState, batches):
+    return jax.lax.scan(train_step, state, batches)
+
+  return multi_step

@@ -27,15 +27,24 @@ def get_config(arg: str | None = None):
   cfg.data.vocab_size = 256
   cfg.data.mqar.num_kv_pairs = 8
   cfg.model.update(d_model=128, num_layers=4, num_heads=4, max_seq_len=256, scan_layers=False)
-  cfg.train.update(steps=1500, learning_rate=3e-3, end_learning_rate=3e-4, warmup_steps=100,
-                   weight_decay=0.1, log_every=50, eval_every=250, eval_batches=8)
+  cfg.train.update(
+    steps=1500,
+    learning_rate=3e-3,
+    end_learning_rate=3e-4,
+    warmup_steps=100,
+    weight_decay=0.1,
+    log_every=50,
+    eval_every=250,
+    eval_batches=8,
+  )
   cfg.checkpoint.every = 500
   if variant == "smoke":
     cfg.data.update(seq_len=32, batch_size=8)
     cfg.data.mqar.num_kv_pairs = 4
     cfg.model.update(d_model=32, num_layers=2, num_heads=2)
-    cfg.train.update(steps=30, warmup_steps=5, log_every=5, eval_every=10, eval_batches=2,
-                     progress_bar=False)
+    cfg.train.update(
+      steps=30, warmup_steps=5, log_every=5, eval_every=10, eval_batches=2, progress_bar=False
+    )
     cfg.checkpoint.every = 10
     cfg.report.peak_matmul_size = 256
   elif variant == "long":

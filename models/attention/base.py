@@ -84,9 +84,7 @@ class Attention(nnx.Module):
     rngs: nnx.Rngs,
   ):
     if num_heads % num_kv_heads:
-      raise ValueError(
-        f"model.num_kv_heads={num_kv_heads} must divide model.num_heads={num_heads}"
-      )
+      raise ValueError(f"model.num_kv_heads={num_kv_heads} must divide model.num_heads={num_heads}")
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
@@ -94,14 +92,30 @@ class Attention(nnx.Module):
     self.rope_theta = rope_theta
     self.dtype = dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q = Linear(d_model, (num_heads, head_dim), axes=("embed", "heads", "head_dim"),
-                    init_std=init_std, **kw)
-    self.k = Linear(d_model, (num_kv_heads, head_dim), axes=("embed", "kv_heads", "head_dim"),
-                    init_std=init_std, **kw)
-    self.v = Linear(d_model, (num_kv_heads, head_dim), axes=("embed", "kv_heads", "head_dim"),
-                    init_std=init_std, **kw)
-    self.o = ProjectOut((num_heads, head_dim), d_model, axes=("heads", "head_dim", "embed"),
-                        init_std=out_init_std, **kw)
+    self.q = Linear(
+      d_model, (num_heads, head_dim), axes=("embed", "heads", "head_dim"), init_std=init_std, **kw
+    )
+    self.k = Linear(
+      d_model,
+      (num_kv_heads, head_dim),
+      axes=("embed", "kv_heads", "head_dim"),
+      init_std=init_std,
+      **kw,
+    )
+    self.v = Linear(
+      d_model,
+      (num_kv_heads, head_dim),
+      axes=("embed", "kv_heads", "head_dim"),
+      init_std=init_std,
+      **kw,
+    )
+    self.o = ProjectOut(
+      (num_heads, head_dim),
+      d_model,
+      axes=("heads", "head_dim", "embed"),
+      init_std=out_init_std,
+      **kw,
+    )
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
     """An empty KV cache, {"k", "v"}: [batch, max_len, kv_heads, head_dim]."""
@@ -140,8 +154,7 @@ class Attention(nnx.Module):
 
     if cache is None:
       pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      info = MaskInfo(pos, pos, jnp.ones((b, t), bool), segment_ids_bt, segment_ids_bt,
-                      self.causal)
+      info = MaskInfo(pos, pos, jnp.ones((b, t), bool), segment_ids_bt, segment_ids_bt, self.causal)
       new_cache = None
     else:
       if segment_ids_bt is not None:
