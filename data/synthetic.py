@@ -55,10 +55,12 @@ def mqar(
 ) -> Batch:
   """Multi-query associative recall.
 
-  The sequence (length seq_len + 1) is `k1 v1 ... kn vn` with distinct keys and distinct values,
-  then a query region of filler 0 in which each of the n keys appears exactly once (random order,
-  random non-overlapping places) immediately followed by its value. Weights are 1 exactly at the
-  input positions holding a queried key, whose target is the bound value.
+  The inputs are `k1 v1 ... kn vn` with distinct keys and distinct values, then a query region of
+  filler 0 in which each of the n keys appears exactly once (random order, random non-overlapping
+  places). The target at a queried key is its bound value; weights are 1 exactly there. As in
+  Zoology, answers are never shown in the inputs: were each query followed by its value, the last
+  query could be answered by elimination (the one value not yet used), a shortcut a small model
+  finds long before it learns to recall.
 
   Args:
     rng: randomness source.
@@ -108,7 +110,10 @@ def mqar(
 
   weights = np.zeros((batch, seq_len), dtype=np.float32)
   weights[rows, starts] = 1.0
-  return _lm_batch(seq, weights)
+  out = _lm_batch(seq, weights)
+  shown = starts + 1 < seq_len  # The last answer may fall past the inputs (targets only).
+  out["inputs"][np.broadcast_to(rows, starts.shape)[shown], (starts + 1)[shown]] = PAD_ID
+  return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.linear import Linear
+from models.linear import Linear, fused_linear
 from models.registry import MLPS
 
 
@@ -37,7 +37,8 @@ class SwiGLU(nnx.Module):
     self.down = Linear(hidden, dim, axes=("mlp", "embed"), init_std=out_init_std, **kw)
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
-    return self.down(jax.nn.silu(self.gate(x_btd)) * self.up(x_btd))
+    gate, up = fused_linear(x_btd, (self.gate, self.up))
+    return self.down(jax.nn.silu(gate) * up)
 
 
 class GeluMLP(nnx.Module):

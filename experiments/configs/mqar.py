@@ -36,6 +36,7 @@ def get_config(arg: str | None = None):
     log_every=50,
     eval_every=250,
     eval_batches=8,
+    steps_per_call=10,
   )
   cfg.checkpoint.every = 500
   if variant == "smoke":
@@ -43,7 +44,13 @@ def get_config(arg: str | None = None):
     cfg.data.mqar.num_kv_pairs = 4
     cfg.model.update(d_model=32, num_layers=2, num_heads=2)
     cfg.train.update(
-      steps=30, warmup_steps=5, log_every=5, eval_every=10, eval_batches=2, progress_bar=False
+      steps=30,
+      warmup_steps=5,
+      log_every=5,
+      eval_every=10,
+      eval_batches=2,
+      steps_per_call=1,
+      progress_bar=False,
     )
     cfg.checkpoint.every = 10
     cfg.report.peak_matmul_size = 256

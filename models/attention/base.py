@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.embeddings import apply_rope
-from models.linear import Linear, ProjectOut
+from models.linear import Linear, ProjectOut, fused_linear
 from models.sharding import constrain
 
 NEG_INF = -1e30  # Finite, so fully masked rows give a uniform (not NaN) softmax before masking out.
@@ -145,9 +145,10 @@ class Attention(nnx.Module):
       The output [batch, seq, d_model] and the updated cache (None without a cache).
     """
     b, t, _ = x_btd.shape
-    q = constrain(self.q(x_btd), ("batch", "seq", "heads", "head_dim"))
-    k = constrain(self.k(x_btd), ("batch", "seq", "kv_heads", "head_dim"))
-    v = constrain(self.v(x_btd), ("batch", "seq", "kv_heads", "head_dim"))
+    q, k, v = fused_linear(x_btd, (self.q, self.k, self.v))
+    q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+    k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
     if self.rope_theta is not None:
       q = apply_rope(q, positions_bt, self.rope_theta)
       k = apply_rope(k, positions_bt, self.rope_theta)

@@ -9,12 +9,15 @@ from data.synthetic import LISTOPS_IDS, LISTOPS_VOCAB
 _KEYS = ("inputs", "targets", "weights")
 
 
-def _check_layout(batch, b, seq_len):
+def _check_layout(batch, b, seq_len, hidden_answers=False):
   assert set(batch) == {"inputs", "targets", "weights"}
   for key, dtype in (("inputs", np.int32), ("targets", np.int32), ("weights", np.float32)):
     assert batch[key].shape == (b, seq_len) and batch[key].dtype == dtype
-  # Next-token layout: both views of one sequence.
-  np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
+  # Next-token layout: both views of one sequence (MQAR hides the answers after its queries).
+  shifted = batch["targets"][:, :-1] == batch["inputs"][:, 1:]
+  if hidden_answers:
+    shifted |= batch["weights"][:, :-1] > 0
+  assert shifted.all()
 
 
 @pytest.mark.parametrize(
@@ -22,7 +25,7 @@ def _check_layout(batch, b, seq_len):
 )
 def test_mqar_answers_are_the_bound_values(seq_len, vocab_size, n):
   batch = synthetic.mqar(np.random.default_rng(0), 16, seq_len, vocab_size, n)
-  _check_layout(batch, 16, seq_len)
+  _check_layout(batch, 16, seq_len, hidden_answers=True)
   key_range, value_range = synthetic.mqar_vocab_split(vocab_size)
   for inputs, targets, weights in zip(*(batch[k] for k in _KEYS), strict=True):
     keys, values = inputs[0 : 2 * n : 2], inputs[1 : 2 * n : 2]
@@ -35,6 +38,9 @@ def test_mqar_answers_are_the_bound_values(seq_len, vocab_size, n):
     assert scored.min() >= 2 * n  # queries come after the bindings
     for t in scored:
       assert targets[t] == binding[int(inputs[t])]
+    # Answers are never shown: the input after a query is filler, so no elimination shortcut.
+    after = scored + 1
+    assert not inputs[after[after < len(inputs)]].any()
     # Outside the scored queries and their answers, the query region is filler.
     region = inputs[2 * n :].copy()
     region[scored - 2 * n] = 0
