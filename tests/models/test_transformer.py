@@ -23,7 +23,9 @@ def tokens(b=2, t=12, vocab=37, seed=0):
 
 
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
-@pytest.mark.parametrize(("dtype", "param_dtype"), [("float32", "float32"), ("bfloat16", "float32")])
+@pytest.mark.parametrize(
+  ("dtype", "param_dtype"), [("float32", "float32"), ("bfloat16", "float32")]
+)
 def test_shapes_and_dtypes(kind, dtype, param_dtype):
   model = build_model(tiny(kind=kind, dtype=dtype, param_dtype=param_dtype))
   out = model(tokens())
@@ -75,7 +77,9 @@ def test_scan_equals_unrolled(kind, remat, mixer):
   cfg = tiny(kind=kind, remat=remat, mixer=mixer, scan_layers=True)
   scanned = build_model(cfg)
   graphdef, state = nnx.split(scanned)
-  unrolled = nnx.merge(nnx.graphdef(build_model(dataclasses.replace(cfg, scan_layers=False))), state)
+  unrolled = nnx.merge(
+    nnx.graphdef(build_model(dataclasses.replace(cfg, scan_layers=False))), state
+  )
   x = tokens()
 
   def loss(model):
@@ -158,7 +162,10 @@ def test_param_count_is_independent_of_sequence_length():
   [
     (dict(d_model=128, num_heads=7), r"model.num_heads=7 does not divide model.d_model=128"),
     (dict(num_heads=4, num_kv_heads=3), r"model.num_kv_heads=3 does not divide"),
-    (dict(mixer="nope"), r"model.mixer='nope' is not a known sequence mixer; choose one of: .*dense"),
+    (
+      dict(mixer="nope"),
+      r"model.mixer='nope' is not a known sequence mixer; choose one of: .*dense",
+    ),
     (dict(mlp="nope"), r"model.mlp='nope' is not a known MLP; choose one of: gelu, swiglu"),
     (dict(remat="sometimes"), r"model.remat='sometimes'"),
     (dict(kind="seq2seq"), r"model.kind='seq2seq'"),
