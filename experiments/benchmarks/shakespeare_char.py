@@ -21,6 +21,7 @@ from absl import app, flags  # noqa: E402
 flags.DEFINE_string("data", "../shared/data/tinyshakespeare.txt", "Tiny Shakespeare text file.")
 flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Output directory.")
 flags.DEFINE_integer("steps_per_call", 10, "Optimizer steps per compiled call.")
+flags.DEFINE_string("dtype", "bfloat16", "Compute dtype (parameters stay float32).")
 FLAGS = flags.FLAGS
 
 NANOGPT = {"wall_s": 94.0, "ms_per_iter": 28.0, "val_loss": 1.886}
@@ -41,6 +42,7 @@ def main(argv):
   cfg = shakespeare_char.get_config()
   cfg.data.path = FLAGS.data
   cfg.train.steps_per_call = FLAGS.steps_per_call
+  cfg.model.dtype = FLAGS.dtype
   cfg.train.progress_bar = False
   with tempfile.TemporaryDirectory() as workdir:
     t0 = time.perf_counter()
@@ -64,6 +66,7 @@ def main(argv):
     "peak_flops_per_s": rep["mfu"]["peak_flops_per_s"],
     "params": rep["params"]["total"],
     "steps_per_call": FLAGS.steps_per_call,
+    "compute_dtype": FLAGS.dtype,
     "energy_j": rep["energy"]["joules"],
     "energy_source": rep["energy"]["source"],
   }
@@ -80,7 +83,8 @@ def main(argv):
     f"{'ms / iteration (median)':28s}{row['step_median_ms']:16.1f}{NANOGPT['ms_per_iter']:16.0f}",
     f"{'train tokens / s':28s}{row['train_tokens_per_s']:16.0f}",
     f"{'MFU vs measured matmul peak':28s}{100 * row['mfu']:15.1f}%",
-    f"{'matmul peak (same run)':28s}{row['peak_flops_per_s'] / 1e9:11.1f} GFLOP/s",
+    f"{'matmul peak (same run)':28s}{row['peak_flops_per_s'] / 1e9:11.1f} GFLOP/s (f32)",
+    f"{'compute dtype':28s}{FLAGS.dtype:>16s}{'float32':>16s}",
   ]
   lines += [f"[{'x' if ok else ' '}] {name}" for name, ok in checks.items()]
   print("\n".join(lines))
@@ -93,9 +97,10 @@ def main(argv):
     "eval_curve": [e for e in log if "eval_loss" in e],
     "train_curve": [{"step": e["step"], "loss": e["loss"]} for e in log if "loss" in e],
   }
-  with open(os.path.join(FLAGS.out, "shakespeare_char.json"), "w") as f:
+  stem = "shakespeare_char" + ("" if FLAGS.dtype == "bfloat16" else f"_{FLAGS.dtype}")
+  with open(os.path.join(FLAGS.out, f"{stem}.json"), "w") as f:
     json.dump(out, f, indent=2)
-  _plot(out, os.path.join(FLAGS.out, "shakespeare_char.png"))
+  _plot(out, os.path.join(FLAGS.out, f"{stem}.png"))
 
 
 def _plot(out, path):

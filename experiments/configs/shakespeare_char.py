@@ -7,7 +7,9 @@ Same settings as nanoGPT's `config/train_shakespeare_char.py` CPU recipe: first 
 for training, last 10% for validation, vocabulary of the 65 characters, 4 layers, 4 heads, width 128,
 context 64, batch 12, 2000 iterations, AdamW 1e-3 -> 1e-4 cosine with 100 warmup steps, β2 0.99,
 weight decay 0.1, clipping 1.0, no dropout, eval every 250 steps on 20 batches. The architecture is
-this codebase's (RMSNorm, RoPE, SwiGLU), not GPT-2's. `experiments/benchmarks/shakespeare_char.py`
+this codebase's (RMSNorm, RoPE, SwiGLU), not GPT-2's. Mixed precision: bf16 compute (this CPU's
+AMX units run bf16 matmuls) with float32 parameters and optimizer state; `--config.model.dtype=float32`
+for full precision. `experiments/benchmarks/shakespeare_char.py`
 runs it and compares against nanoGPT's figures.
 
 Variants: default; smoke (a few seconds, for tests).
@@ -34,7 +36,15 @@ def get_config(arg: str | None = None):
     batch_size=12,
     train_fraction=0.9,
   )
-  cfg.model.update(d_model=128, num_layers=4, num_heads=4, max_seq_len=64, scan_layers=False)
+  cfg.model.update(
+    d_model=128,
+    num_layers=4,
+    num_heads=4,
+    max_seq_len=64,
+    scan_layers=False,
+    dtype="bfloat16",
+    param_dtype="float32",
+  )
   cfg.train.update(
     steps=2000,
     learning_rate=1e-3,

@@ -199,6 +199,8 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
   m = mask[:, None, None, :, :]
   scores = jnp.where(m, scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
-  probs = jnp.where(m, probs, 0.0)  # Rows with no visible key give zeros, not a uniform average.
   out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v.dtype), v)
-  return out.reshape(b, t, h, d)
+  # A row with no visible key (padding) would average every value: zero it instead. Scaling the
+  # [batch, q_len] output rows is far cheaper than masking the probabilities again.
+  seen = mask.any(axis=-1).astype(out.dtype)[:, :, None, None, None]
+  return (out * seen).reshape(b, t, h, d)
