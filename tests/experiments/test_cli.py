@@ -6,7 +6,6 @@ the same parameters as an uninterrupted run; SIGTERM must save a checkpoint and 
 Children get `JAX_PLATFORMS=cpu` and one device (no forced host device count).
 """
 
-import fcntl
 import json
 import os
 import pathlib
@@ -24,6 +23,7 @@ from flax import nnx
 
 from experiments.configs import mqar
 from inference import generate
+from tests.shared_runs import shared_dir
 from training import load_run
 
 pytestmark = pytest.mark.subprocess
@@ -117,21 +117,6 @@ def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
 def params_of(workdir: pathlib.Path):
   _, model, _, step = load_run(str(workdir))
   return nnx.to_pure_dict(nnx.state(model, nnx.Param)), step
-
-
-def shared_dir(tmp_path_factory, name: str, build) -> pathlib.Path:
-  """`build(path)` once per test session, shared by all xdist workers (guarded by a file lock)."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # The session's directory, common to the workers.
-  path = root / name
-  with open(root / f"{name}.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (root / f"{name}.done").exists():
-      shutil.rmtree(path, ignore_errors=True)
-      build(path)
-      (root / f"{name}.done").write_text("")
-  return path
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,9 @@ uninterrupted one, that the TensorBoard events agree with metrics.jsonl, that th
 report has its sections, and that every shipped experiment config and variant validates.
 """
 
-import fcntl
 import importlib.util
 import json
 import math
-import os
 import pathlib
 import shutil
 
@@ -21,6 +19,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from experiments.configs import mqar
 from models.config import ModelConfig
+from tests.shared_runs import shared_dir
 from training import Checkpointer, RunResult, train_and_evaluate, validate_experiment
 from training.loop import init_state
 
@@ -60,21 +59,6 @@ def restore_final(workdir):
   state, _, step = ckpt.restore(target)
   ckpt.close()
   return state, step
-
-
-def shared_dir(tmp_path_factory, name: str, build) -> pathlib.Path:
-  """`build(path)` once per test session, shared by all xdist workers (guarded by a file lock)."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # The session's directory, common to the workers.
-  path = root / name
-  with open(root / f"{name}.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (root / f"{name}.done").exists():
-      shutil.rmtree(path, ignore_errors=True)
-      build(path)
-      (root / f"{name}.done").write_text("")
-  return path
 
 
 @pytest.fixture(scope="module")
