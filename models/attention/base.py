@@ -204,3 +204,41 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
   # [batch, q_len] output rows is far cheaper than masking the probabilities again.
   seen = mask.any(axis=-1).astype(out.dtype)[:, :, None, None, None]
   return (out * seen).reshape(b, t, h, d)
+
+
+def mixer_options(cfg, variant: str, defaults: dict) -> dict:
+  """A variant's settings from `model.mixer_options`, with defaults; unknown keys are errors.
+
+  Args:
+    cfg: The model config (its `mixer_options` holds (key, value) pairs).
+    variant: The registered name, for error messages.
+    defaults: Every setting the variant accepts, with its default.
+
+  Returns:
+    The settings dict.
+  """
+  given = dict(cfg.mixer_options)
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(
+      f"model.mixer_options.{unknown[0]} is not a setting of the {variant!r} attention; "
+      f"its settings: {', '.join(sorted(defaults)) or '(none)'}"
+    )
+  return {**defaults, **given}
+
+
+def attention_kwargs(cfg, *, causal: bool, rngs) -> dict:
+  """The `Attention` constructor arguments every variant derives from the model config."""
+  return dict(
+    d_model=cfg.d_model,
+    num_heads=cfg.num_heads,
+    num_kv_heads=cfg.num_kv_heads,
+    head_dim=cfg.resolved_head_dim,
+    causal=causal,
+    rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
+    init_std=cfg.init_std,
+    out_init_std=cfg.out_init_std,
+    dtype=cfg.compute_dtype,
+    param_dtype=cfg.storage_dtype,
+    rngs=rngs,
+  )

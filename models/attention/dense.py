@@ -7,7 +7,13 @@
 import jax
 from flax import nnx
 
-from models.attention.base import Attention, MaskInfo, reference_attention
+from models.attention.base import (
+  Attention,
+  MaskInfo,
+  attention_kwargs,
+  mixer_options,
+  reference_attention,
+)
 from models.registry import MIXERS
 
 IMPLEMENTATIONS = ("xla", "jax_nn")
@@ -40,17 +46,5 @@ class DenseAttention(Attention):
 
 @MIXERS.register("dense")
 def _dense(cfg, *, causal: bool, rngs: nnx.Rngs) -> DenseAttention:
-  return DenseAttention(
-    cfg.d_model,
-    cfg.num_heads,
-    cfg.num_kv_heads,
-    cfg.resolved_head_dim,
-    causal=causal,
-    rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
-    init_std=cfg.init_std,
-    out_init_std=cfg.out_init_std,
-    dtype=cfg.compute_dtype,
-    param_dtype=cfg.storage_dtype,
-    rngs=rngs,
-    **dict(cfg.mixer_options),
-  )
+  options = mixer_options(cfg, "dense", {"implementation": "xla"})
+  return DenseAttention(**attention_kwargs(cfg, causal=causal, rngs=rngs), **options)
