@@ -144,7 +144,15 @@ class Attention(nnx.Module):
     Returns:
       The output [batch, seq, d_model] and the updated cache (None without a cache).
     """
-    b, t, _ = x_btd.shape
+    q, k, v = self.project(x_btd, positions_bt)
+    out, new_cache = self.mix(
+      q, k, v, segment_ids_bt=segment_ids_bt, cache=cache, cache_index=cache_index
+    )  # [b, t, heads, head_dim]
+    out = constrain(out.astype(self.dtype), ("batch", "seq", "heads", "head_dim"))
+    return self.o(out), new_cache
+
+  def project(self, x_btd: jax.Array, positions_bt: jax.Array):
+    """Queries [b, t, heads, d] and keys/values [b, t, kv_heads, d], RoPE applied."""
     q, k, v = fused_linear(x_btd, (self.q, self.k, self.v))
     q = constrain(q, ("batch", "seq", "heads", "head_dim"))
     k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
@@ -152,27 +160,33 @@ class Attention(nnx.Module):
     if self.rope_theta is not None:
       q = apply_rope(q, positions_bt, self.rope_theta)
       k = apply_rope(k, positions_bt, self.rope_theta)
+    return q, k, v
 
+  def mix(self, q, k, v, *, segment_ids_bt=None, cache=None, cache_index=None):
+    """Softmax-family mixing: writes k/v into the KV cache (if any), builds the mask, attends.
+
+    Variants whose decoding state is not a KV cache (linear attention, EMA) override this and
+    `init_cache`; softmax variants only override `attend`.
+
+    Returns:
+      (output [b, t, heads, head_dim], updated cache or None).
+    """
+    b, t = q.shape[:2]
     if cache is None:
       pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
       info = MaskInfo(pos, pos, jnp.ones((b, t), bool), segment_ids_bt, segment_ids_bt, self.causal)
-      new_cache = None
-    else:
-      if segment_ids_bt is not None:
-        raise ValueError("segment_ids are not supported together with a KV cache")
-      index = jnp.asarray(cache_index, jnp.int32)
-      k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
-      new_cache = {"k": k_all, "v": v_all}
-      s = k_all.shape[1]
-      kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-      q_pos = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
-      info = MaskInfo(q_pos, kv_pos, kv_pos < index + t, None, None, self.causal)
-      k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
-
-    out = self.attend(q, k, v, info)  # [b, t, h, k]
-    out = constrain(out.astype(self.dtype), ("batch", "seq", "heads", "head_dim"))
-    return self.o(out), new_cache
+      return self.attend(q, k, v, info), None
+    if segment_ids_bt is not None:
+      raise ValueError("segment_ids are not supported together with a KV cache")
+    index = jnp.asarray(cache_index, jnp.int32)
+    k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+    v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+    s = k_all.shape[1]
+    kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    q_pos = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    info = MaskInfo(q_pos, kv_pos, kv_pos < index + t, None, None, self.causal)
+    out = self.attend(q, k_all.astype(self.dtype), v_all.astype(self.dtype), info)
+    return out, {"k": k_all, "v": v_all}
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo) -> jax.Array:
     """The attention core; variants override this. Shapes as in `reference_attention`."""
