@@ -13,6 +13,12 @@ from experiments import cli
 cli.define_config_flag()
 cli.define_workdir_flag()
 flags.DEFINE_integer("sample_tokens", 48, "Tokens to generate from an eval prompt after training.")
+flags.DEFINE_bool(
+  "multihost",
+  False,
+  "Call jax.distributed.initialize() first (multi-host TPU slices, GPU clusters); the coordinator "
+  "and process ids come from the environment (TPU metadata, SLURM, JAX_COORDINATOR_ADDRESS, ...).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -20,6 +26,10 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   # Imported here so `--help` and flag errors do not pay for JAX start-up.
+  import jax
+
+  if FLAGS.multihost:
+    jax.distributed.initialize()
   from experiments import showcase
   from metrics import format_report
   from training import train_and_evaluate
@@ -29,7 +39,7 @@ def main(argv):
     print(f"preempted at step {result.step}; checkpoint saved. Rerun the command to resume.")
     return
   print("\n" + "\n".join(f"{k}: {v:.4f}" for k, v in result.eval.items()))
-  if FLAGS.sample_tokens:
+  if FLAGS.sample_tokens and jax.process_index() == 0:
     print("\n" + showcase.sample_from_run(FLAGS.workdir, FLAGS.sample_tokens))
   print("\nEfficiency report (also in efficiency_report.json):\n" + format_report(result.report))
 
