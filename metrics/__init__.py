@@ -10,6 +10,7 @@ from metrics.flops import (
 )
 from metrics.hardware import host_info, measure_matmul_peak, process_memory
 from metrics.params import count_params, param_bytes
+from metrics.pareto import pareto_front
 from metrics.report import build_report, format_report, get_default_config, write_report
 from metrics.writers import MetricWriter
 
@@ -25,6 +26,7 @@ __all__ = [
   "measure_matmul_peak",
   "memory_analysis",
   "param_bytes",
+  "pareto_front",
   "process_memory",
   "six_n_flops_per_token",
   "transformer_flops_per_token",

@@ -1,0 +1,173 @@
+"""Run a sweep of config variations ("arms") over one or more tasks and compare quality vs cost.
+
+  python -m experiments.ablate --ablation=experiments/configs/ablations/attention.py[:smoke] \
+      --workdir=/tmp/ablate_attention [--arms=dense,flash] [--tasks=mqar] [--steps=300]
+
+An ablation file defines `get_ablation(arg) -> dict` with:
+  tasks: {name: {"config": "experiments/configs/x.py[:variant]", "overrides": {dotted: value},
+                 "quality": "eval_accuracy" | "eval_loss" | ..., "higher_is_better": bool}}
+  arms:  {name: {dotted.setting: value}}   (applied on top of each task's config)
+  cost:  report field for the Pareto x-axis: "xla_flops_per_token", "peak_bytes" or "step_s".
+Each (task, arm) trains in <workdir>/<task>/<arm> through the normal training loop; finished runs
+are reused, so an interrupted sweep resumes. Prints one table per task (quality, tokens/s, compiled
+peak memory, FLOPs/token, parameters) and writes <workdir>/ablation.json and a Pareto plot per
+task (<workdir>/pareto_<task>.png).
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+from absl import flags
+
+from experiments import cli
+
+flags.DEFINE_string(
+  "ablation", None, "Ablation file, optionally with an argument: path.py[:arg].", required=True
+)
+cli.define_workdir_flag()
+flags.DEFINE_list("arms", [], "Only these arms (default: all).")
+flags.DEFINE_list("tasks", [], "Only these tasks (default: all).")
+flags.DEFINE_integer("steps", 0, "Override train.steps for every run (0 = the task's own).")
+FLAGS = flags.FLAGS
+
+COSTS = ("xla_flops_per_token", "peak_bytes", "step_s")
+
+
+def _load_module(path: str):
+  if not os.path.isfile(path):
+    raise ValueError(f"{path}: no such file")
+  spec = importlib.util.spec_from_file_location(f"_abl_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_task_config(spec: str):
+  """`path.py[:variant]` -> that experiment's ConfigDict."""
+  path, _, variant = spec.partition(":")
+  return _load_module(path).get_config(variant or None)
+
+
+def apply_overrides(cfg, overrides: dict) -> None:
+  """Sets dotted settings ("model.mixer_options") on a ConfigDict; unknown paths are errors."""
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for key in parents:
+      if key not in node:
+        raise ValueError(f"override {dotted}: {key!r} is not a config section")
+      node = node[key]
+    if leaf not in node:
+      raise ValueError(f"override {dotted}: {leaf!r} is not a setting of {'.'.join(parents)}")
+    node[leaf] = value
+
+
+def _row(report: dict, result_eval: dict) -> dict:
+  return {
+    **result_eval,
+    "train_tokens_per_s": report["throughput"]["train_tokens_per_s"],
+    "step_s": report["time"]["step_median_s"],
+    "peak_bytes": report["memory"]["peak_bytes"],
+    "xla_flops_per_token": report["flops"]["xla_flops_per_token"],
+    "params": report["params"]["total"],
+    "wall_s": report["time"]["total_wall_s"],
+  }
+
+
+def run_arm(task: dict, overrides: dict, workdir: str, steps: int) -> dict:
+  """Trains one (task, arm) unless it already finished; returns its row."""
+  done = os.path.join(workdir, "ablation_row.json")
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  from training import train_and_evaluate
+
+  cfg = load_task_config(task["config"])
+  apply_overrides(cfg, {**task.get("overrides", {}), **overrides})
+  if steps:
+    cfg.train.steps = steps
+    cfg.train.decay_steps = steps
+  cfg.train.progress_bar = False
+  result = train_and_evaluate(cfg, workdir)
+  row = _row(result.report, result.eval)
+  with open(done, "w") as f:
+    json.dump(row, f, indent=2)
+  return row
+
+
+def _print_table(task_name: str, task: dict, rows: dict) -> None:
+  q = task["quality"]
+  print(f"\n== {task_name}: {q} ({'higher' if task['higher_is_better'] else 'lower'} is better)")
+  print(f"{'arm':22s}{q:>14s}{'tokens/s':>11s}{'peak MiB':>10s}{'GFLOP/tok':>11s}{'params':>10s}")
+  for arm, row in rows.items():
+    if "error" in row:
+      print(f"{arm:22s}  error: {row['error']}")
+      continue
+    flops = row["xla_flops_per_token"]
+    print(
+      f"{arm:22s}{row.get(q, float('nan')):14.4f}{row['train_tokens_per_s']:11.0f}"
+      f"{(row['peak_bytes'] or 0) / 2**20:10.1f}{(flops or 0) / 1e9:11.4f}{row['params']:10d}"
+    )
+
+
+def _plot(task_name: str, task: dict, rows: dict, cost: str, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from metrics import pareto_front
+
+  arms = [a for a, r in rows.items() if "error" not in r]
+  xs = [rows[a][cost] for a in arms]
+  ys = [rows[a].get(task["quality"]) for a in arms]
+  front = pareto_front(xs, ys, higher_quality_is_better=task["higher_is_better"])
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.scatter(xs, ys)
+  for a, x, y in zip(arms, xs, ys, strict=True):
+    ax.annotate(a, (x, y), fontsize=7)
+  ax.plot([xs[i] for i in front], [ys[i] for i in front], "r--", label="Pareto front")
+  ax.set(xlabel=cost, ylabel=task["quality"], title=f"{task_name}: quality vs cost")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+@cli.one_line_errors
+def main(argv):
+  del argv
+  path, _, arg = FLAGS.ablation.partition(":")
+  ablation = _load_module(path).get_ablation(arg or None)
+  cost = ablation.get("cost", "xla_flops_per_token")
+  if cost not in COSTS:
+    raise ValueError(f"ablation cost={cost!r} is not known; choose one of: {', '.join(COSTS)}")
+  tasks = {k: v for k, v in ablation["tasks"].items() if not FLAGS.tasks or k in FLAGS.tasks}
+  arms = {k: v for k, v in ablation["arms"].items() if not FLAGS.arms or k in FLAGS.arms}
+  for name, wanted in (("task", FLAGS.tasks), ("arm", FLAGS.arms)):
+    known = ablation["tasks" if name == "task" else "arms"]
+    for w in wanted:
+      if w not in known:
+        raise ValueError(
+          f"--{name}s: {w!r} is not in this ablation; choose from: {', '.join(known)}"
+        )
+  results = {}
+  for task_name, task in tasks.items():
+    rows = {}
+    for arm, overrides in arms.items():
+      workdir = os.path.join(FLAGS.workdir, task_name, arm)
+      try:
+        rows[arm] = run_arm(task, overrides, workdir, FLAGS.steps)
+      except ValueError as e:  # A bad arm (e.g. an unregistered variant) must not stop the sweep.
+        rows[arm] = {"error": str(e).splitlines()[0]}
+        print(f"{task_name}/{arm}: error: {rows[arm]['error']}", file=sys.stderr)
+    results[task_name] = rows
+    _print_table(task_name, task, rows)
+    _plot(task_name, task, rows, cost, os.path.join(FLAGS.workdir, f"pareto_{task_name}.png"))
+  with open(os.path.join(FLAGS.workdir, "ablation.json"), "w") as f:
+    json.dump({"ablation": FLAGS.ablation, "cost": cost, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+  cli.run(main)

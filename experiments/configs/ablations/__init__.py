@@ -1,0 +1,1 @@
+"""Sweeps for `experiments.ablate`: each file defines `get_ablation(arg)`."""

@@ -1,0 +1,45 @@
+"""Attention variants in the same small decoder LM, equal step budget, MQAR and Tiny Shakespeare.
+
+  python -m experiments.ablate --ablation=experiments/configs/ablations/attention.py \
+      --workdir=/tmp/ablate_attention
+
+`:smoke` runs every arm for a few steps on MQAR only (for tests). Arms whose variant is not
+registered are reported as errors and the sweep continues.
+"""
+
+ARMS = {
+  "dense": {"model.mixer": "dense"},
+  "memory_efficient": {"model.mixer": "memory_efficient"},
+  "flash": {"model.mixer": "flash"},
+  "sliding_window_16": {"model.mixer": "sliding_window", "model.mixer_options": {"window": 16}},
+  "linear": {"model.mixer": "linear"},
+  "efficient": {"model.mixer": "efficient"},
+  "aft_simple": {"model.mixer": "aft", "model.mixer_options": {"variant": "simple"}},
+  "lsh": {"model.mixer": "lsh"},
+  "kde": {"model.mixer": "kde"},
+  "mega": {"model.mixer": "mega"},
+}
+
+
+def get_ablation(arg: str | None = None) -> dict:
+  tasks = {
+    "mqar": {
+      "config": "experiments/configs/mqar.py",
+      "overrides": {},
+      "quality": "eval_accuracy",
+      "higher_is_better": True,
+    },
+    "shakespeare": {
+      "config": "experiments/configs/shakespeare_char.py",
+      "overrides": {"data.path": "../shared/data/tinyshakespeare.txt", "model.dtype": "float32"},
+      "quality": "eval_loss",
+      "higher_is_better": False,
+    },
+  }
+  arms = dict(ARMS)
+  if arg == "smoke":
+    tasks = {"mqar": {**tasks["mqar"], "config": "experiments/configs/mqar.py:smoke"}}
+    arms = {k: arms[k] for k in ("dense", "sliding_window_16")}
+  elif arg is not None:
+    raise ValueError(f"attention ablation argument {arg!r} is not known; use smoke or nothing")
+  return {"tasks": tasks, "arms": arms, "cost": "xla_flops_per_token"}
