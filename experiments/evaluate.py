@@ -22,6 +22,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   import jax
+  from flax import nnx
 
   import data as data_lib
   from training import load_run, make_eval_step
@@ -29,8 +30,6 @@ def main(argv):
 
   cfg, model, _, step = load_run(FLAGS.workdir, best=FLAGS.best)
   dataset = data_lib.build_dataset(cfg.data)
-  from flax import nnx
-
   graphdef, params = nnx.split(model)
   eval_fn = jax.jit(make_eval_step(graphdef))
   batches = dataset.eval_batches(FLAGS.eval_batches or cfg.train.eval_batches)
