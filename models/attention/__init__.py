@@ -1,8 +1,21 @@
 """Attention variants, one file per family, all behind the `Attention` interface.
 
-Importing this package registers every variant in `models.registry.MIXERS`.
+Importing this package registers every variant in `models.registry.MIXERS`:
+exact (dense, memory_efficient, flash, sliding_window), linear-time (linear, efficient, aft) and
+approximate (lsh, kde, mega).
 """
 
+from models.attention import (  # noqa: F401  (registration)
+  aft,
+  efficient,
+  flash,
+  kde,
+  linear,
+  lsh,
+  mega,
+  memory_efficient,
+  sliding_window,
+)
 from models.attention.base import Attention, MaskInfo, reference_attention
 from models.attention.dense import DenseAttention
 

@@ -28,9 +28,15 @@ def test_apply_overrides_sets_dotted_settings_and_rejects_unknown_paths():
 def test_smoke_sweep_writes_rows_and_resumes(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
-  cmd = [sys.executable, "-m", "experiments.ablate",
-         "--ablation=experiments/configs/ablations/attention.py:smoke", f"--workdir={tmp_path}",
-         "--arms=dense", "--steps=10"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.ablate",
+    "--ablation=experiments/configs/ablations/attention.py:smoke",
+    f"--workdir={tmp_path}",
+    "--arms=dense",
+    "--steps=10",
+  ]
   first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert first.returncode == 0, first.stderr[-2000:]
   assert "== mqar: eval_accuracy" in first.stdout

@@ -1,0 +1,218 @@
+"""FlashAttention-2 (Dao 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+Partitioning") written as blocked XLA code.
+
+Forward: for each query block, an online softmax over the key blocks keeps a running max m, sum l
+and output accumulator in float32, then saves only the output and the per-row log-sum-exp
+L = m + log l. Backward (`jax.custom_vjp`): D = rowsum(dO ∘ O); for each key block, loop over the
+query blocks and recompute P = exp(S - L) block by block, then
+  dV += Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP - D),  dQ += dS K / √d,  dK += dSᵀ Q / √d,
+so no [T, S] matrix is stored in either direction. Blocks whose mask is empty for the whole batch
+(above the diagonal when causal, empty KV-cache slots, disjoint segments) are skipped with
+`lax.cond`. Grouped-query heads share a key block, so dK/dV sum over the query group.
+
+`implementation="pallas"` is reserved for a fused kernel that is not in this codebase yet.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention.base import NEG_INF, Attention, MaskInfo, attention_kwargs, mixer_options
+from models.attention.memory_efficient import (
+  block_mask,
+  check_positive,
+  from_blocks,
+  pad_axis,
+  padded_mask_arrays,
+)
+from models.registry import MIXERS
+
+IMPLEMENTATIONS = ("xla", "pallas")
+
+
+def _slice(x: jax.Array | None, start, size: int) -> jax.Array | None:
+  """x[:, start:start + size] for a traced start (None passes through)."""
+  return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+
+
+def _scores(q_blk, k_blk, scale):
+  """[b, bq, g, r, d] x [b, bk, g, d] -> scaled float32 scores [b, g, r, bq, bk]."""
+  return jnp.einsum("bqgrd,bkgd->bgrqk", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+
+
+def _forward(causal, bq, bk, q, k, v, q_side, kv_side):
+  """Online-softmax forward on padded inputs: (out [b, tq, g, r, d], lse [b, g, r, tq])."""
+  b, tq, g, r, d = q.shape
+  nk = k.shape[1] // bk
+  scale = d**-0.5
+  (q_pos, q_seg), (kv_pos, kv_valid, kv_seg) = q_side, kv_side
+
+  def query_block(i):
+    qs = i * bq
+    q_blk, qp, qsg = _slice(q, qs, bq), _slice(q_pos, qs, bq), _slice(q_seg, qs, bq)
+
+    def key_step(j, carry):
+      ks = j * bk
+      mask = block_mask(
+        qp, qsg, _slice(kv_pos, ks, bk), _slice(kv_valid, ks, bk), _slice(kv_seg, ks, bk), causal
+      )[:, None, None]  # [b, 1, 1, bq, bk]
+
+      def compute(carry):
+        m, row_sum, acc = carry  # [b, g, r, bq] x2, [b, g, r, bq, d]
+        s = jnp.where(mask, _scores(q_blk, _slice(k, ks, bk), scale), NEG_INF)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        pv = jnp.einsum(
+          "bgrqk,bkgd->bgrqd",
+          p.astype(v.dtype),
+          _slice(v, ks, bk),
+          preferred_element_type=jnp.float32,
+        )
+        return m_new, row_sum * correction + p.sum(-1), acc * correction[..., None] + pv
+
+      return jax.lax.cond(mask.any(), compute, lambda c: c, carry)
+
+    init = (
+      jnp.full((b, g, r, bq), NEG_INF, jnp.float32),
+      jnp.zeros((b, g, r, bq), jnp.float32),
+      jnp.zeros((b, g, r, bq, d), jnp.float32),
+    )
+    m, row_sum, acc = jax.lax.fori_loop(0, nk, key_step, init)
+    safe_sum = jnp.where(row_sum > 0, row_sum, 1.0)  # 0: the row sees no key; output 0.
+    out = jnp.moveaxis(acc / safe_sum[..., None], 3, 1).astype(q.dtype)  # [b, bq, g, r, d]
+    return out, m + jnp.log(safe_sum)
+
+  out, lse = jax.lax.map(
+    query_block, jnp.arange(tq // bq)
+  )  # [nq, b, bq, g, r, d], [nq, b, g, r, bq]
+  return from_blocks(out), jnp.moveaxis(lse, 0, 3).reshape(b, g, r, tq)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(causal, bq, bk, q, k, v, q_side, kv_side):
+  return _forward(causal, bq, bk, q, k, v, q_side, kv_side)[0]
+
+
+def _flash_fwd(causal, bq, bk, q, k, v, q_side, kv_side):
+  out, lse = _forward(causal, bq, bk, q, k, v, q_side, kv_side)
+  return out, (q, k, v, q_side, kv_side, out, lse)
+
+
+def _flash_bwd(causal, bq, bk, res, d_out):
+  q, k, v, q_side, kv_side, out, lse = res
+  b, tq, g, r, d = q.shape
+  scale = d**-0.5
+  (q_pos, q_seg), (kv_pos, kv_valid, kv_seg) = q_side, kv_side
+  # D_i = rowsum(dO ∘ O) = Σ_j P_ij dP_ij, the softmax Jacobian's correction term.
+  delta = jnp.einsum("bqgrd,bqgrd->bgrq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+  def key_block(dq, j):
+    ks = j * bk
+    k_blk, v_blk = _slice(k, ks, bk), _slice(v, ks, bk)  # [b, bk, g, d]
+    kp, kvv, ksg = _slice(kv_pos, ks, bk), _slice(kv_valid, ks, bk), _slice(kv_seg, ks, bk)
+
+    def query_step(i, carry):
+      qs = i * bq
+      mask = block_mask(_slice(q_pos, qs, bq), _slice(q_seg, qs, bq), kp, kvv, ksg, causal)
+      mask = mask[:, None, None]  # [b, 1, 1, bq, bk]
+
+      def compute(carry):
+        dq, dk, dv = carry
+        q_blk, do_blk = _slice(q, qs, bq), _slice(d_out, qs, bq)  # [b, bq, g, r, d]
+        lse_blk = jax.lax.dynamic_slice_in_dim(lse, qs, bq, axis=3)  # [b, g, r, bq]
+        delta_blk = jax.lax.dynamic_slice_in_dim(delta, qs, bq, axis=3)
+        s = jnp.where(mask, _scores(q_blk, k_blk, scale), NEG_INF)
+        p = jnp.where(mask, jnp.exp(s - lse_blk[..., None]), 0.0)  # [b, g, r, bq, bk]
+        f32 = dict(preferred_element_type=jnp.float32)
+        dv = dv + jnp.einsum("bgrqk,bqgrd->bkgd", p.astype(do_blk.dtype), do_blk, **f32)
+        dp = jnp.einsum("bqgrd,bkgd->bgrqk", do_blk, v_blk, **f32)
+        ds = (p * (dp - delta_blk[..., None]) * scale).astype(q.dtype)
+        dq_blk = _slice(dq, qs, bq) + jnp.einsum("bgrqk,bkgd->bqgrd", ds, k_blk, **f32)
+        dk = dk + jnp.einsum("bgrqk,bqgrd->bkgd", ds, q_blk, **f32)  # Sums the query group.
+        return jax.lax.dynamic_update_slice_in_dim(dq, dq_blk, qs, axis=1), dk, dv
+
+      return jax.lax.cond(mask.any(), compute, lambda c: c, carry)
+
+    zeros = jnp.zeros((b, bk, g, d), jnp.float32)
+    dq, dk, dv = jax.lax.fori_loop(0, tq // bq, query_step, (dq, zeros, zeros))
+    return dq, (dk, dv)
+
+  dq0 = jnp.zeros(q.shape, jnp.float32)
+  dq, (dk, dv) = jax.lax.scan(key_block, dq0, jnp.arange(k.shape[1] // bk))
+  no_grad = jax.tree.map(lambda _: None, (q_side, kv_side))  # Integer mask inputs.
+  return (
+    dq.astype(q.dtype),
+    from_blocks(dk).astype(k.dtype),
+    from_blocks(dv).astype(v.dtype),
+    *no_grad,
+  )
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo, block_q: int, block_k: int
+) -> jax.Array:
+  """Exact masked attention, FlashAttention-2 style; shapes as in `reference_attention`.
+
+  Args:
+    q: Queries, [b, t, heads, d].
+    k: Keys, [b, s, kv_heads, d].
+    v: Values, [b, s, kv_heads, d].
+    info: The mask description.
+    block_q: Query block size (clipped to t).
+    block_k: Key block size (clipped to s).
+
+  Returns:
+    [b, t, heads, d] in q's dtype; rows that see no key are zero.
+  """
+  b, t, h, d = q.shape
+  s, g = k.shape[1], k.shape[2]
+  bq, bk = min(block_q, t), min(block_k, s)
+  q_side, kv_side = padded_mask_arrays(info, bq, bk)
+  q = pad_axis(q, bq, 1).reshape(b, -1, g, h // g, d)  # [b, tq, g, r, d]
+  out = _flash(info.causal, bq, bk, q, pad_axis(k, bk, 1), pad_axis(v, bk, 1), q_side, kv_side)
+  return out[:, :t].reshape(b, t, h, d)
+
+
+class FlashAttention(Attention):
+  """Exact softmax attention with a blocked online-softmax forward and a recomputing backward.
+
+  Args:
+    block_q: Query block size.
+    block_k: Key/value block size.
+    implementation: "xla" (this file); "pallas" is reserved for a fused kernel.
+    **kwargs: As for `Attention`.
+  """
+
+  def __init__(
+    self, *args, block_q: int = 128, block_k: int = 128, implementation: str = "xla", **kwargs
+  ):
+    if implementation == "pallas":
+      raise ValueError(
+        "model.mixer_options.implementation='pallas' is reserved: the Pallas flash-attention "
+        "kernel is not in this codebase yet; use 'xla'"
+      )
+    if implementation not in IMPLEMENTATIONS:
+      raise ValueError(
+        f"model.mixer_options.implementation={implementation!r} is not known for flash "
+        f"attention; choose one of: {', '.join(IMPLEMENTATIONS)}"
+      )
+    self.block_q = check_positive("flash", "block_q", block_q)
+    self.block_k = check_positive("flash", "block_k", block_k)
+    self.implementation = implementation
+    super().__init__(*args, **kwargs)
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo) -> jax.Array:
+    return flash_attention(q, k, v, info, self.block_q, self.block_k)
+
+
+@MIXERS.register("flash")
+def _flash_builder(cfg, *, causal: bool, rngs: nnx.Rngs) -> FlashAttention:
+  defaults = {"block_q": 128, "block_k": 128, "implementation": "xla"}
+  options = mixer_options(cfg, "flash", defaults)
+  return FlashAttention(**attention_kwargs(cfg, causal=causal, rngs=rngs), **options)

@@ -1,0 +1,228 @@
+"""Exact attention variants (memory_efficient, flash, sliding_window) against dense references:
+forward and gradients, masks, GQA, causality and KV-cache decoding through the model, settings
+errors, and a compiled-memory check."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import models.attention.flash  # noqa: F401  (registers the variants)
+import models.attention.memory_efficient  # noqa: F401
+import models.attention.sliding_window  # noqa: F401
+from models import ModelConfig, build_model
+from models.attention.base import MaskInfo, reference_attention
+from models.attention.flash import flash_attention
+from models.attention.memory_efficient import chunked_attention
+from models.attention.sliding_window import band_mask
+from models.registry import MIXERS
+
+HEADS, HEAD_DIM, T = 4, 8, 21  # T is not a multiple of any block size below.
+BLOCKS = dict(block_q=4, block_k=8)
+OPTIONS = {"memory_efficient": BLOCKS, "flash": BLOCKS, "sliding_window": dict(window=3)}
+TINY = dict(vocab_size=37, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, max_seq_len=32)
+
+
+def mixer(name, *, causal=True, num_kv_heads=HEADS, **options):
+  cfg = ModelConfig(
+    vocab_size=8,
+    d_model=HEADS * HEAD_DIM,
+    num_layers=1,
+    num_heads=HEADS,
+    num_kv_heads=num_kv_heads,
+    mixer=name,
+    mixer_options=options or OPTIONS[name],
+  )
+  return MIXERS.get(name)(cfg, causal=causal, rngs=nnx.Rngs(0))
+
+
+def inputs(num_kv_heads, dtype, segments, causal, t=T, seed=0):
+  kq, kk, kv, kc = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(kq, (2, t, HEADS, HEAD_DIM), dtype)
+  k = jax.random.normal(kk, (2, t, num_kv_heads, HEAD_DIM), dtype)
+  v = jax.random.normal(kv, (2, t, num_kv_heads, HEAD_DIM), dtype)
+  ct = jax.random.normal(kc, q.shape, dtype)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (2, t))
+  seg = None
+  if segments:  # Two packed sequences plus trailing padding; the second row is one sequence.
+    first = np.array([1] * 8 + [2] * (t - 12) + [0] * 4)
+    seg = jnp.asarray(np.stack([first, np.ones(t, int)]), jnp.int32)
+  return (q, k, v), ct, MaskInfo(pos, pos, jnp.ones((2, t), bool), seg, seg, causal)
+
+
+def dense_mask(name, info):
+  mask = info.dense_mask()
+  if name == "sliding_window":
+    mask = mask & band_mask(info.q_pos, info.kv_pos, OPTIONS[name]["window"], info.causal)
+  return mask
+
+
+def forward_and_vjp(attend, args, ct):
+  """Output and input gradients for a cotangent, compiled once."""
+
+  @jax.jit
+  def run(args, ct):
+    out, vjp = jax.vjp(attend, *args)
+    return out, vjp(ct)
+
+  return run(args, ct)
+
+
+def assert_close(a, b, tol, reduction):
+  tol = tol * max(1.0, np.sqrt(reduction / 16))
+  np.testing.assert_allclose(
+    np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol, rtol=tol
+  )
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize(
+  ("num_kv_heads", "segments"), [(HEADS, False), (HEADS // 2, True), (1, True)], ids=str
+)
+def test_matches_reference_f32(name, causal, num_kv_heads, segments):
+  """Forward and vjp (random cotangent) w.r.t. q, k, v equal dense attention's."""
+  (q, k, v), ct, info = inputs(num_kv_heads, jnp.float32, segments, causal)
+  layer = mixer(name, causal=causal, num_kv_heads=num_kv_heads)
+  mask = dense_mask(name, info)
+  out, grads = forward_and_vjp(lambda *a: layer.attend(*a, info), (q, k, v), ct)
+  ref, ref_grads = forward_and_vjp(lambda *a: reference_attention(*a, mask), (q, k, v), ct)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert_close(out, ref, 1e-5, T)
+  for got, want in zip(grads, ref_grads, strict=True):
+    assert_close(got, want, 1e-5, T * HEADS)
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_matches_reference_bf16(name, causal):
+  """bf16 inputs stay within bf16 error of the float32 reference on the same values."""
+  (q, k, v), ct, info = inputs(2, jnp.bfloat16, True, causal)
+  layer = mixer(name, causal=causal, num_kv_heads=2)
+  mask = dense_mask(name, info)
+  out, grads = forward_and_vjp(lambda *a: layer.attend(*a, info), (q, k, v), ct)
+  up = tuple(x.astype(jnp.float32) for x in (q, k, v, ct))
+  ref, ref_grads = forward_and_vjp(lambda *a: reference_attention(*a, mask), up[:3], up[3])
+  assert out.dtype == jnp.bfloat16
+  assert_close(out, ref, 1e-2, T)
+  for got, want in zip(grads, ref_grads, strict=True):
+    assert got.dtype == jnp.bfloat16
+    assert_close(got, want, 1e-2, T * HEADS)
+
+
+def test_sliding_window_sees_only_the_window():
+  """Outputs move only when a key inside the window changes."""
+  (q, k, v), _, info = inputs(HEADS, jnp.float32, False, True, t=40)
+  layer = mixer("sliding_window", window=5)
+  base = layer.attend(q, k, v, info)
+  changed = layer.attend(q, k, v.at[:, 20].add(1.0), info)
+  moved = np.abs(np.asarray(changed - base)).max(axis=(0, 2, 3)) > 0
+  np.testing.assert_array_equal(np.flatnonzero(moved), np.arange(20, 25))
+
+
+def tiny(name, **kw) -> ModelConfig:
+  return ModelConfig(**{**TINY, "mixer": name, "mixer_options": OPTIONS[name], **kw})
+
+
+def compiled(model):
+  """The model's call under one `jax.jit` (a traced cache_index, so decode steps share it)."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(x, cache=None, cache_index=None, segment_ids=None):
+    out = nnx.merge(graphdef, state)(
+      x, cache=cache, cache_index=cache_index, segment_ids_bt=segment_ids
+    )
+    return out.logits, out.cache
+
+  return run
+
+
+def tokens(t, seed=0):
+  return jax.random.randint(jax.random.key(seed), (2, t), 0, 37, jnp.int32)
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_model_is_causal(name):
+  """Changing token t + 1 never changes the logits at positions <= t."""
+  model = compiled(build_model(tiny(name)))
+  x = tokens(16)
+  base = model(x)[0]
+  for t in (0, 6, 13):
+    changed = model(x.at[:, t + 1].set((x[:, t + 1] + 1) % 37))[0]
+    np.testing.assert_allclose(changed[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0)
+    assert not np.allclose(changed[:, t + 1 :], base[:, t + 1 :])
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_kv_cache_decoding_equals_full_forward(name):
+  model = build_model(tiny(name))
+  run = compiled(model)
+  x = tokens(14)
+  full, _ = run(x)
+  logits, cache = run(x[:, :5], model.init_cache(batch=2, max_len=20), jnp.int32(0))
+  steps = [logits]
+  for t in range(5, 14):  # One token at a time; keys past the cache index are masked out.
+    logits, cache = run(x[:, t : t + 1], cache, jnp.int32(t))
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "kind"), [("memory_efficient", "decoder"), ("flash", "encoder")])
+def test_model_equals_dense_model(name, kind):
+  """Same parameters, same logits as the dense model, with packed segments."""
+  cfg = tiny(name, kind=kind)
+  dense = build_model(dataclasses.replace(cfg, mixer="dense", mixer_options={}))
+  model = nnx.merge(nnx.graphdef(build_model(cfg)), nnx.state(dense))
+  x = tokens(13)
+  seg = jnp.asarray([[1] * 6 + [2] * 5 + [0] * 2, [1] * 13], jnp.int32)
+  want, _ = compiled(dense)(x, segment_ids=seg)
+  got, _ = compiled(model)(x, segment_ids=seg)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  ("name", "options", "key"),
+  [
+    ("sliding_window", dict(window=0), "window"),
+    ("sliding_window", dict(window=-3), "window"),
+    ("sliding_window", dict(window=2, block_q=4), "block_q"),
+    ("memory_efficient", dict(block_q=0), "block_q"),
+    ("memory_efficient", dict(block_k=-1), "block_k"),
+    ("memory_efficient", dict(chunk=4), "chunk"),
+    ("flash", dict(block_q=-2), "block_q"),
+    ("flash", dict(block_k=0), "block_k"),
+    ("flash", dict(implementation="pallas"), "implementation"),
+    ("flash", dict(implementation="cuda"), "implementation"),
+  ],
+)
+def test_bad_settings_raise_one_line_errors(name, options, key):
+  with pytest.raises(ValueError, match=rf"model\.mixer_options\.{key}") as err:
+    build_model(ModelConfig(**{**TINY, "mixer": name, "mixer_options": options}))
+  assert "\n" not in str(err.value)
+  if options.get("implementation") == "pallas":
+    assert "not in this codebase yet" in str(err.value)
+
+
+def test_blocked_variants_use_far_less_memory_than_dense():
+  """Compiled scratch memory of forward + backward at T=2048: no T² buffers."""
+  t = 2048
+  q = jax.ShapeDtypeStruct((1, t, 2, 32), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, t))
+  info = MaskInfo(pos, pos, jnp.ones((1, t), bool), None, None, True)
+
+  def temp_bytes(attend):
+    def loss(q, k, v):
+      return jnp.sum(attend(q, k, v) ** 2)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, q).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  dense = temp_bytes(lambda q, k, v: reference_attention(q, k, v, info.dense_mask()))
+  assert dense > 2 * t * t * 4  # At least the float32 score matrix for the two heads.
+  for fn in (chunked_attention, flash_attention):
+    blocked = temp_bytes(lambda q, k, v, fn=fn: fn(q, k, v, info, 128, 128))
+    assert blocked < 0.25 * dense, (fn.__name__, blocked, dense)
