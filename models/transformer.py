@@ -150,7 +150,8 @@ class LayerStack(nnx.Module):
     graphdef, state = nnx.split(self.groups)
     one = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
     per_group = one.init_cache(batch, max_len)
-    return jax.tree.map(lambda a: jnp.zeros((self.num_groups, *a.shape), a.dtype), per_group)
+    # Each mixer decides its empty state (zeros for KV caches, -inf running maxima, ...).
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_groups, *a.shape)), per_group)
 
   def __call__(self, x, *, positions_bt, segment_ids_bt=None, caches=None, cache_index=None):
     graphdef, state = nnx.split(self.groups)
