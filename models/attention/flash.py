@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention.base import NEG_INF, Attention, MaskInfo, attention_kwargs, mixer_options
-from models.attention.memory_efficient import (
+from models.attention.blocks import (
   block_mask,
   check_positive,
   from_blocks,

@@ -24,7 +24,7 @@ from models.attention.base import (
   mixer_options,
   reference_attention,
 )
-from models.attention.memory_efficient import check_positive, from_blocks, pad_axis, to_blocks
+from models.attention.blocks import check_positive, from_blocks, pad_axis, to_blocks
 from models.registry import MIXERS
 
 MAX_BLOCK = 128  # Query block size cap; smaller windows use blocks of about the window size.
