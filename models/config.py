@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from models.registry import MIXERS, MLPS, NORMS
+from models.registry import MIXERS, MLPS, NORMS, freeze_options, thaw_options
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 KINDS = ("decoder", "encoder")
@@ -34,8 +34,9 @@ def get_default_config() -> ml_collections.ConfigDict:
       head_dim=0,  # 0: d_model // num_heads.
       mlp_dim=0,  # 0: 4 * d_model for gelu, the same parameter count (8/3 * d_model) for swiglu.
       mixer="dense",  # One name, or a comma-separated repeating pattern ("mamba,mamba,dense").
-      mixer_options={},
+      mixer_options={},  # Flat keys, or per mixer: {"mamba": {...}, "flash": {...}}.
       mlp="swiglu",
+      mlp_options={},  # Flat keys, or per MLP name.
       norm="rmsnorm",
       norm_eps=1e-6,
       position="rope",
@@ -70,6 +71,7 @@ class ModelConfig:
   mixer: str = "dense"
   mixer_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   mlp: str = "swiglu"
+  mlp_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   norm: str = "rmsnorm"
   norm_eps: float = 1e-6
   position: str = "rope"
@@ -90,7 +92,8 @@ class ModelConfig:
       hidden = 4 * self.d_model if self.mlp == "gelu" else int(8 * self.d_model / 3)
       object.__setattr__(self, "mlp_dim", hidden)
     # Stored as sorted (key, value) pairs so the config (and graphs holding it) stay hashable.
-    object.__setattr__(self, "mixer_options", tuple(sorted(dict(self.mixer_options).items())))
+    for name in ("mixer_options", "mlp_options"):
+      object.__setattr__(self, name, freeze_options(getattr(self, name)))
     self.validate()
 
   @classmethod
@@ -106,7 +109,8 @@ class ModelConfig:
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
-    d["mixer_options"] = dict(self.mixer_options)
+    d["mixer_options"] = thaw_options(self.mixer_options)
+    d["mlp_options"] = thaw_options(self.mlp_options)
     return d
 
   # Derived values.

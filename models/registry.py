@@ -6,7 +6,7 @@ receives the model config and returns a module built from plain arguments; the m
 sees the config, so it stays importable on its own.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -57,3 +57,63 @@ class Registry:
 MIXERS = Registry("sequence mixer", "model.mixer")
 MLPS = Registry("MLP", "model.mlp")
 NORMS = Registry("normalisation", "model.norm")
+
+
+def freeze_options(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+  """Options as sorted (key, value) pairs, nested mappings too, so configs stay hashable."""
+  return tuple(
+    sorted(
+      (k, freeze_options(v) if isinstance(v, Mapping) else v) for k, v in dict(options).items()
+    )
+  )
+
+
+def thaw_options(frozen) -> dict[str, Any]:
+  """The inverse of `freeze_options`: nested pair tuples back to dicts."""
+
+  def is_pairs(v):
+    return isinstance(v, tuple) and all(
+      isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in v
+    )
+
+  items = frozen.items() if isinstance(frozen, Mapping) else frozen
+  return {k: thaw_options(v) if is_pairs(v) and v else v for k, v in items}
+
+
+def module_options(
+  options, name: str, defaults: Mapping[str, Any], *, setting: str, registry: Registry
+) -> dict[str, Any]:
+  """The settings of one registered module from a shared options table, with defaults.
+
+  The table may hold flat keys, which apply to every module of the kind (convenient when a model
+  uses one mixer), and namespaced entries `{name: {...}}`, which apply only to `name` (needed in
+  hybrids such as "mamba,mamba,flash" whose mixers take different settings). Namespaced values win.
+
+  Args:
+    options: The table, a mapping or frozen pairs (e.g. `ModelConfig.mixer_options`).
+    name: The registered name of the module being built.
+    defaults: Every setting the module accepts, with its default.
+    setting: The config path of the table, for error messages ("model.mixer_options").
+    registry: The registry `name` comes from; its names mark namespaced entries.
+
+  Returns:
+    The merged settings dict.
+
+  Raises:
+    ValueError: A key the module does not accept (one line, naming the key and the valid ones).
+  """
+  table = thaw_options(options)
+  flat = {k: v for k, v in table.items() if k not in registry}
+  own = table.get(name, {})
+  if not isinstance(own, Mapping):
+    raise ValueError(f"{setting}.{name} must be a mapping of {name!r} settings; got {own!r}")
+  checks = [(k, f"{setting}.{k}", True) for k in flat]
+  checks += [(k, f"{setting}.{name}.{k}", False) for k in own]
+  for key, where, is_flat in checks:
+    if key not in defaults:
+      hint = f" (a flat key applies to every {registry.kind}; use {setting}.<name>.{key})"
+      raise ValueError(
+        f"{where} is not a setting of {registry.kind} {name!r}; its settings: "
+        f"{', '.join(sorted(defaults)) or '(none)'}" + (hint if is_flat else "")
+      )
+  return {**defaults, **flat, **own}

@@ -16,6 +16,7 @@ from flax import nnx
 
 from models.embeddings import apply_rope
 from models.linear import Linear, ProjectOut, fused_linear
+from models.registry import MIXERS, module_options
 from models.sharding import constrain
 
 NEG_INF = -1e30  # Finite, so fully masked rows give a uniform (not NaN) softmax before masking out.
@@ -221,24 +222,13 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
 
 
 def mixer_options(cfg, variant: str, defaults: dict) -> dict:
-  """A variant's settings from `model.mixer_options`, with defaults; unknown keys are errors.
+  """A mixer's settings from `model.mixer_options` (flat or namespaced by name), with defaults.
 
-  Args:
-    cfg: The model config (its `mixer_options` holds (key, value) pairs).
-    variant: The registered name, for error messages.
-    defaults: Every setting the variant accepts, with its default.
-
-  Returns:
-    The settings dict.
+  See `models.registry.module_options`; unknown keys raise a one-line ValueError.
   """
-  given = dict(cfg.mixer_options)
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise ValueError(
-      f"model.mixer_options.{unknown[0]} is not a setting of the {variant!r} attention; "
-      f"its settings: {', '.join(sorted(defaults)) or '(none)'}"
-    )
-  return {**defaults, **given}
+  return module_options(
+    cfg.mixer_options, variant, defaults, setting="model.mixer_options", registry=MIXERS
+  )
 
 
 def attention_kwargs(cfg, *, causal: bool, rngs) -> dict:

@@ -221,8 +221,8 @@ def test_recurrent_state_size_does_not_depend_on_max_len(name, options):
     ("aft", {"variant": "huge"}, r"model.mixer_options.variant='huge' .*full, local, simple"),
     ("aft", {"variant": "local", "window": 0}, r"model.mixer_options.window=0 .*positive"),
     ("aft", {"max_len": 0}, r"model.mixer_options.max_len=0 .*positive"),
-    ("linear", {"chunk": 8}, r"model.mixer_options.chunk is not a setting of the 'linear'"),
-    ("aft", {"windw": 8}, r"model.mixer_options.windw is not a setting of the 'aft'"),
+    ("linear", {"chunk": 8}, r"model.mixer_options.chunk is not a setting of sequence mixer 'linear'"),
+    ("aft", {"windw": 8}, r"model.mixer_options.windw is not a setting of sequence mixer 'aft'"),
   ],
 )
 def test_bad_settings_raise_one_line_errors(name, options, match):
