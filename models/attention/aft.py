@@ -9,8 +9,9 @@ sums over the positions t' that t may see (t' <= t when causal).
   row max of w and the (stop-gradient) per-channel max of K, which cancel in the ratio. O(T² d).
 * "local": as "full" but w is zeroed (not masked) where |t - t'| >= window.
 * "simple": no w, so the weights are a softmax of K over the sequence per channel, O(T d). The
-  causal form is a prefix softmax: `lax.associative_scan` over (running max m, Z = Σ exp(K - m),
-  N = Σ exp(K - m) V), each merge rescaling by exp(m_old - m_new). Decoding carries (m, Z, N)
+  causal form is a prefix softmax: an associative scan (within chunks, then across chunk totals)
+  over (running max m, Z = Σ exp(K - m), N = Σ exp(K - m) V), each merge rescaling by
+  exp(m_old - m_new). Decoding carries (m, Z, N)
   [b, kv_heads, d], a constant-size state (a zero state is read as empty).
 
 "full"/"local" decode with the shell's KV cache (the biases need every earlier key). Keys and values
@@ -65,6 +66,33 @@ def _merge(a, b):
   return m, a[1] * sa + b[1] * sb, a[2] * sa + b[2] * sb
 
 
+def _prefix_summaries(m, z, n, chunk: int = 64):
+  """Inclusive prefix merge of per-token (m, Z, N) summaries along axis 1, [b, t, g, d] each.
+
+  Two levels, each an exact `associative_scan`: within chunks of `chunk` tokens (all chunks at
+  once), then across the chunk totals; each token then merges its chunk's exclusive prefix. Same
+  result as one scan over t, but shallower and with less temporary memory on long sequences.
+  """
+  b, t = m.shape[:2]
+  pad = -t % chunk
+
+  def chunked(x, fill):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return x.reshape(b, -1, chunk, *x.shape[2:])  # [b, chunks, chunk, g, d]
+
+  local = jax.lax.associative_scan(
+    _merge, (chunked(m, NEG_INF), chunked(z, 0.0), chunked(n, 0.0)), axis=2
+  )
+  totals = jax.lax.associative_scan(_merge, tuple(x[:, :, -1] for x in local), axis=1)
+
+  def shift(x, fill):  # Exclusive prefix: chunk i sees the totals of chunks < i.
+    return jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)[:, :, None]
+
+  before = (shift(totals[0], NEG_INF), shift(totals[1], 0.0), shift(totals[2], 0.0))
+  merged = _merge(before, local)
+  return tuple(x.reshape(b, -1, *x.shape[3:])[:, :t] for x in merged)
+
+
 def aft_simple(q, k, v, *, causal, valid=None, state=None):
   """AFT-simple: σ(Q) ⊙ (softmax over the (prefix of the) sequence of K, per channel) ⊙ V summed.
 
@@ -90,7 +118,7 @@ def aft_simple(q, k, v, *, causal, valid=None, state=None):
     z, n = (z * scale).sum(1, keepdims=True), (n * scale).sum(1, keepdims=True)
     y = n / jnp.where(z > 0, z, 1.0)
     return _gate(q, jnp.broadcast_to(y, k.shape)) * ok[..., 0, 0][:, :, None, None], None
-  m, z, n = jax.lax.associative_scan(_merge, (m, z, n), axis=1)  # prefixes, [b, t, g, d] each
+  m, z, n = _prefix_summaries(m, z, n)  # [b, t, g, d] each
   if state is not None:
     m0, z0, n0 = (s.astype(jnp.float32) for s in state)
     m0 = jnp.where(z0 > 0, m0, NEG_INF)  # A zero state is empty.

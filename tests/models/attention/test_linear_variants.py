@@ -142,6 +142,19 @@ def test_aft_matches_double_sum(causal, variant):
   check_closed_form(mod, naive, g, causal, padded)
 
 
+def test_aft_simple_two_level_prefix_spans_many_chunks():
+  from models.attention.aft import aft_simple
+
+  t = 150  # Three 64-token chunks, the last one partial; keys spread widely.
+  q, k, v = qkv(2, seed=4, t=t, scale=8.0)
+  valid = jnp.arange(t)[None, :] != jnp.array([[5], [140]])  # One padded token per row.
+  out, _ = aft_simple(q, k, v, causal=True, valid=valid)
+  mask = visible(True, t, valid) & valid[:, :, None]
+  expected = naive_aft(q, k, v, jnp.zeros((t, t)), mask)  # NaN (0/0) at the padded queries.
+  expected = jnp.where(valid[:, :, None, None], expected, 0.0)
+  np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-4)
+
+
 def test_aft_bias_gradient_matches_double_sum():
   """d/dw of AFT-local: zero outside the window and beyond the sequence, else the naive value."""
   mod = module("aft", True, 2, variant="local", window=3, max_len=16)
@@ -221,7 +234,11 @@ def test_recurrent_state_size_does_not_depend_on_max_len(name, options):
     ("aft", {"variant": "huge"}, r"model.mixer_options.variant='huge' .*full, local, simple"),
     ("aft", {"variant": "local", "window": 0}, r"model.mixer_options.window=0 .*positive"),
     ("aft", {"max_len": 0}, r"model.mixer_options.max_len=0 .*positive"),
-    ("linear", {"chunk": 8}, r"model.mixer_options.chunk is not a setting of sequence mixer 'linear'"),
+    (
+      "linear",
+      {"chunk": 8},
+      r"model.mixer_options.chunk is not a setting of sequence mixer 'linear'",
+    ),
     ("aft", {"windw": 8}, r"model.mixer_options.windw is not a setting of sequence mixer 'aft'"),
   ],
 )
