@@ -128,7 +128,9 @@ def test_kde_estimates_are_unbiased(causal, segments):
   q, k, v = normal(1, (b, t, h, d), 0.5), normal(2, (b, t, g, d)), normal(3, (b, t, g, d))
   seg = jnp.array([[1, 1, 1, 2, 2, 2]]) if segments else None
   info = mask_info(b, t, causal, seg)
-  run = jax.jit(jax.vmap(lambda key: kde_estimates(q, k, v, info, m, key, stabilise=False)[:2]))
+  # query_block=4 splits the 6 queries into a full and a padded block.
+  est = lambda key: kde_estimates(q, k, v, info, m, key, stabilise=False, query_block=4)[:2]
+  run = jax.jit(jax.vmap(est))
   num, den = run(jax.random.split(jax.random.key(0), n))
   mask = np.asarray(info.dense_mask())[:, None]  # [b, 1, t, s]
   a = np.exp(np.einsum("bthd,bsd->bhts", q, k[:, :, 0]) / np.sqrt(d)) * mask
@@ -140,6 +142,17 @@ def test_kde_estimates_are_unbiased(causal, segments):
     assert np.all(
       np.abs(np.asarray(est).mean(0) - exact) <= 5 * stderr + 1e-3 * (1 + np.abs(exact))
     )
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_kde_query_blocking_does_not_change_the_estimate(segments):
+  b, t, h, g, d = 2, 11, 4, 2, 8
+  q, k, v = normal(1, (b, t, h, d)), normal(2, (b, t, g, d)), normal(3, (b, t, g, d))
+  seg = jnp.array([[1] * 6 + [2] * 5, [1] * 9 + [0] * 2]) if segments else None
+  info, key = mask_info(b, t, True, seg), jax.random.key(5)
+  whole = kde_estimates(q, k, v, info, 5, key, query_block=t)
+  for blocked, full in zip(kde_estimates(q, k, v, info, 5, key, query_block=3), whole):
+    np.testing.assert_allclose(blocked, full, atol=1e-6, rtol=1e-6)
 
 
 def test_kde_enumerating_every_key_is_exact_attention():
