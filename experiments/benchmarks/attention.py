@@ -11,8 +11,10 @@ peer figures in the attention issue) is compiled and measured:
     under-counted; the table flags them),
   - wall time, median of repeats after warm-up, only where the temp memory fits `--max_run_gib`.
 Scaling exponents are fitted on log-log over T >= `--fit_from`. Writes results/attention.json and
-results/attention.png. tokamax's `xla_chunked` attention is added as a row when tokamax is
-installed.
+results/attention.png (`--name` changes the stem; a run with `--variants` updates those rows of
+an existing file and keeps the rest). tokamax's `xla_chunked` attention is added as a row when
+tokamax is installed (`pip install -r requirements-bench.txt`). Mixers that are not attention
+shells (mamba, rwkv, ...) are measured as whole layers on the block input.
 """
 
 import json
@@ -29,6 +31,8 @@ flags.DEFINE_integer("fit_from", 2048, "Fit scaling exponents on T >= this.")
 flags.DEFINE_float("max_run_gib", 2.0, "Only time runs whose compiled temp memory is below this.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
 flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Output directory.")
+flags.DEFINE_string("name", "attention", "Output file stem (<out>/<name>.json and .png).")
+flags.DEFINE_bool("tokamax", True, "Add tokamax's xla_chunked row when tokamax is installed.")
 FLAGS = flags.FLAGS
 
 # Settings that make each variant comparable at long T (defaults otherwise).
@@ -153,13 +157,23 @@ def main(argv):
   lengths = [int(t) for t in FLAGS.lengths]
   names = FLAGS.variants or MIXERS.names()
   makers = {name: (lambda t, n=name: _core_fn(n, t)) for name in names}
-  try:
-    import tokamax  # noqa: F401
+  if FLAGS.tokamax:
+    try:
+      import tokamax  # noqa: F401
 
-    makers["tokamax_xla_chunked"] = _tokamax_fn
-  except ImportError:
-    print("tokamax not installed: no tokamax xla_chunked row")
+      makers["tokamax_xla_chunked"] = _tokamax_fn
+    except ImportError:
+      print("tokamax not installed (requirements-bench.txt): no tokamax xla_chunked row")
+  json_path = os.path.join(FLAGS.out, f"{FLAGS.name}.json")
   results = {}
+  if FLAGS.variants and os.path.exists(json_path):
+    # A partial rerun updates its rows and keeps the others (same shape only).
+    with open(json_path) as f:
+      previous = json.load(f)
+    if (
+      previous["shape"]["heads"] == FLAGS.heads and previous["shape"]["head_dim"] == FLAGS.head_dim
+    ):
+      results = previous["results"]
   for name, make in makers.items():
     rows = []
     for t in lengths:
@@ -185,9 +199,9 @@ def main(argv):
     "causal": True,
     "options": OPTIONS,
   }
-  with open(os.path.join(FLAGS.out, "attention.json"), "w") as f:
+  with open(json_path, "w") as f:
     json.dump({"shape": shape, "results": results}, f, indent=2)
-  _plot(results, os.path.join(FLAGS.out, "attention.png"))
+  _plot(results, os.path.join(FLAGS.out, f"{FLAGS.name}.png"))
 
 
 def _table(results, lengths):
