@@ -151,7 +151,7 @@ def test_kde_query_blocking_does_not_change_the_estimate(segments):
   seg = jnp.array([[1] * 6 + [2] * 5, [1] * 9 + [0] * 2]) if segments else None
   info, key = mask_info(b, t, True, seg), jax.random.key(5)
   whole = kde_estimates(q, k, v, info, 5, key, query_block=t)
-  for blocked, full in zip(kde_estimates(q, k, v, info, 5, key, query_block=3), whole):
+  for blocked, full in zip(kde_estimates(q, k, v, info, 5, key, query_block=3), whole, strict=True):
     np.testing.assert_allclose(blocked, full, atol=1e-6, rtol=1e-6)
 
 
