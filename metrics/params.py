@@ -52,3 +52,55 @@ def param_bytes(tree: Any) -> int:
     The sum of `prod(leaf.shape) * leaf.dtype.itemsize` over all leaves.
   """
   return sum(math.prod(_leaf_shape(leaf)) * _leaf_itemsize(leaf) for leaf in jax.tree.leaves(tree))
+
+
+def _key_name(entry: Any) -> Any:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return entry
+
+
+def _is_expert(path, leaf, expert_key: str) -> bool:
+  # nnx.Variable leaves carry logical axes; pure dicts only have their path.
+  get_metadata = getattr(leaf, "get_metadata", None)
+  axes = get_metadata().get("out_sharding") if get_metadata is not None else None
+  if axes:
+    return "expert" in axes
+  return any(_key_name(entry) == expert_key for entry in path)
+
+
+def active_params(
+  tree: Any,
+  *,
+  num_experts: int = 1,
+  experts_per_token: float = 1.0,
+  expert_key: str = "experts",
+) -> int:
+  """Parameters touched per token: non-expert parameters plus experts_per_token / num_experts of
+  the expert parameters (e.g. top_k / num_experts for top-k routed mixtures of experts).
+
+  Expert parameters are recognised by an `expert` logical axis in their metadata (an `nnx.State`
+  of Variables) or, for pure dicts and shape trees, by a path component named `expert_key`. A
+  router is not an expert parameter: every token uses it. Dropped tokens are not discounted.
+
+  Args:
+    tree: Parameters: an `nnx.State`, a pure nested dict, or their abstract shapes.
+    num_experts: Experts per MoE layer.
+    experts_per_token: Experts each token is processed by, on average.
+    expert_key: Path component that marks expert parameters in trees without metadata.
+
+  Returns:
+    The rounded active-parameter count (the total when the tree has no expert parameters).
+  """
+  is_variable = lambda x: hasattr(x, "get_metadata")  # nnx.Variable, without importing flax
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)
+  dense = expert = 0
+  for path, leaf in leaves:
+    value = leaf.get_value() if hasattr(leaf, "get_value") else leaf
+    n = math.prod(_leaf_shape(value))
+    if _is_expert(path, leaf, expert_key):
+      expert += n
+    else:
+      dense += n
+  return int(round(dense + expert * experts_per_token / num_experts))

@@ -123,6 +123,18 @@ class ModelConfig:
     return tuple(name.strip() for name in self.mixer.split(","))
 
   @property
+  def mlp_pattern(self) -> tuple[str, ...]:
+    """The MLPs of consecutive blocks, repeating; (mlp,) unless the MLP's builder defines
+    `layer_pattern(cfg)` (e.g. MoE every k-th block, dense MLPs between)."""
+    pattern = getattr(MLPS.get(self.mlp), "layer_pattern", None)
+    return tuple(pattern(self)) if pattern is not None else (self.mlp,)
+
+  @property
+  def group_size(self) -> int:
+    """Blocks per scanned group: the mixer and MLP patterns both repeat a whole number of times."""
+    return math.lcm(len(self.mixer_pattern), len(self.mlp_pattern))
+
+  @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
 
@@ -164,6 +176,14 @@ class ModelConfig:
       raise ValueError(
         f"model.num_layers={self.num_layers} is not a multiple of the mixer pattern length "
         f"{len(self.mixer_pattern)} (model.mixer={self.mixer!r})"
+      )
+    for name in self.mlp_pattern:
+      MLPS.check(name)
+    if self.num_layers % self.group_size:
+      raise ValueError(
+        f"model.num_layers={self.num_layers} is not a multiple of the block group length "
+        f"{self.group_size} = lcm(mixer pattern {len(self.mixer_pattern)}, "
+        f"MLP pattern {len(self.mlp_pattern)} = {','.join(self.mlp_pattern)})"
       )
     if self.position not in POSITIONS:
       raise ValueError(

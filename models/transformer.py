@@ -2,10 +2,11 @@
 
 A block is pre-norm: x + mixer(norm(x)), then x + mlp(norm(x)). Its sequence mixer and MLP are
 chosen by name from `models.registry`, so attention variants, state-space layers and MoE MLPs plug
-in without touching this file. A repeating mixer pattern (e.g. "mamba,mamba,dense") forms a group
-of blocks; the stack holds every group's parameters stacked on a leading `layers` axis and runs
-them with `jax.lax.scan` (one compiled group) or a Python loop (unrolled), which give the same
-outputs from the same parameters.
+in without touching this file. A repeating mixer pattern (e.g. "mamba,mamba,dense") and a repeating
+MLP pattern (e.g. MoE every second block) form a group of lcm(len(mixers), len(mlps)) blocks; the
+stack holds every group's parameters stacked on a leading `layers` axis and runs them with
+`jax.lax.scan` (one compiled group) or a Python loop (unrolled), which give the same outputs from
+the same parameters.
 
 Axes: activations [batch, seq, embed]; logits [batch, seq, vocab]; stacked parameters get a
 leading `layers` axis.
@@ -82,22 +83,28 @@ class Block(nnx.Module):
     return init(batch, max_len) if init is not None else None
 
 
-def build_block(cfg: ModelConfig, mixer: str, *, causal: bool, rngs: nnx.Rngs) -> Block:
-  """Assembles one block from the registries."""
+def build_block(
+  cfg: ModelConfig, mixer: str, *, causal: bool, rngs: nnx.Rngs, mlp: str | None = None
+) -> Block:
+  """Assembles one block from the registries (MLP `mlp`, default cfg.mlp)."""
   return Block(
     mixer=MIXERS.get(mixer)(cfg, causal=causal, rngs=rngs),
-    mlp=MLPS.get(cfg.mlp)(cfg, rngs=rngs),
+    mlp=MLPS.get(mlp or cfg.mlp)(cfg, rngs=rngs),
     norm1=NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs),
     norm2=NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs),
   )
 
 
 class BlockGroup(nnx.Module):
-  """One repetition of the mixer pattern: len(cfg.mixer_pattern) blocks applied in order."""
+  """One repetition of the mixer and MLP patterns: cfg.group_size blocks applied in order."""
 
   def __init__(self, cfg: ModelConfig, *, causal: bool, rngs: nnx.Rngs):
+    mixers, mlps = cfg.mixer_pattern, cfg.mlp_pattern
     self.blocks = nnx.List(
-      [build_block(cfg, name, causal=causal, rngs=rngs) for name in cfg.mixer_pattern]
+      [
+        build_block(cfg, mixers[i % len(mixers)], mlp=mlps[i % len(mlps)], causal=causal, rngs=rngs)
+        for i in range(cfg.group_size)
+      ]
     )
 
   def __call__(self, x, *, positions_bt, segment_ids_bt=None, caches=None, cache_index=None):
@@ -129,7 +136,7 @@ class LayerStack(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, causal: bool, rngs: nnx.Rngs):
-    self.num_groups = cfg.num_layers // len(cfg.mixer_pattern)
+    self.num_groups = cfg.num_layers // cfg.group_size
     self.scan = cfg.scan_layers
     self.remat = cfg.remat
     keys = jax.random.split(rngs.params(), self.num_groups)

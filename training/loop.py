@@ -25,8 +25,10 @@ from jax.sharding import PartitionSpec as P
 
 import data as data_lib
 import metrics as metrics_lib
+from metrics.params import active_params
 from models import build_model
 from models.config import ModelConfig
+from models.moe import expert_usage
 from parallel import mesh as mesh_lib
 from training import config as config_lib
 from training.checkpoint import Checkpointer
@@ -342,6 +344,8 @@ def _report(
   last_eval,
 ):
   n_params = metrics_lib.count_params(state.params)
+  usage = expert_usage(model_cfg)  # Experts per token for MoE models: fewer active parameters.
+  n_active = n_params if usage is None else active_params(state.params, **usage)
   analytic = None
   if set(model_cfg.mixer_pattern) == {"dense"} and model_cfg.mlp in ("swiglu", "gelu"):
     analytic = metrics_lib.transformer_flops_per_token(
@@ -361,7 +365,7 @@ def _report(
   return metrics_lib.build_report(
     params_total=n_params,
     params_trainable=n_params,
-    params_active_per_token=n_params,
+    params_active_per_token=n_active,
     analytic_flops_per_token=analytic,
     compiled=compiled,
     tokens_per_step=tokens_per_step,

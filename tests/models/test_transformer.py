@@ -68,13 +68,7 @@ def test_encoder_is_bidirectional():
   assert not np.allclose(model(changed).logits[:, :10], model(x).logits[:, :10])
 
 
-@pytest.mark.parametrize("kind", ["decoder", "encoder"])
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
-@pytest.mark.parametrize("mixer", ["dense", "dense,dense"])
-def test_scan_equals_unrolled(kind, remat, mixer):
-  """The same parameters run through lax.scan and through a Python loop give the same outputs
-  and the same gradients."""
-  cfg = tiny(kind=kind, remat=remat, mixer=mixer, scan_layers=True)
+def _assert_scan_equals_unrolled(cfg: ModelConfig):
   scanned = build_model(cfg)
   graphdef, state = nnx.split(scanned)
   unrolled = nnx.merge(
@@ -83,13 +77,30 @@ def test_scan_equals_unrolled(kind, remat, mixer):
   x = tokens()
 
   def loss(model):
-    return jnp.mean(jax.nn.log_softmax(model(x).logits)[..., 0])
+    out = model(x)
+    return jnp.mean(jax.nn.log_softmax(out.logits)[..., 0]) + out.aux_loss
 
   l1, g1 = nnx.value_and_grad(loss)(scanned)
   l2, g2 = nnx.value_and_grad(loss)(unrolled)
   np.testing.assert_allclose(l1, l2, rtol=1e-6, atol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+@pytest.mark.parametrize("mixer", ["dense", "dense,dense"])
+def test_scan_equals_unrolled(kind, remat, mixer):
+  """The same parameters run through lax.scan and through a Python loop give the same outputs
+  and the same gradients."""
+  _assert_scan_equals_unrolled(tiny(kind=kind, remat=remat, mixer=mixer, scan_layers=True))
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scan_equals_unrolled_with_moe_every_second_block(remat):
+  """Groups of a dense-MLP block and an MoE block; the MoE auxiliary loss is in the loss."""
+  options = {"num_experts": 4, "every": 2}
+  _assert_scan_equals_unrolled(tiny(remat=remat, mlp="moe", mlp_options=options, scan_layers=True))
 
 
 @pytest.mark.parametrize("scan", [True, False])
@@ -166,7 +177,7 @@ def test_param_count_is_independent_of_sequence_length():
       dict(mixer="nope"),
       r"model.mixer='nope' is not a known sequence mixer; choose one of: .*dense",
     ),
-    (dict(mlp="nope"), r"model.mlp='nope' is not a known MLP; choose one of: gelu, swiglu"),
+    (dict(mlp="nope"), r"model.mlp='nope' is not a known MLP; choose one of: gelu, .*moe.*swiglu"),
     (dict(remat="sometimes"), r"model.remat='sometimes'"),
     (dict(kind="seq2seq"), r"model.kind='seq2seq'"),
     (dict(dtype="float8"), r"model.dtype='float8'"),

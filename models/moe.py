@@ -1,0 +1,415 @@
+"""Mixture-of-experts MLP (survey §3.2): a learned router sends each token to a few expert MLPs.
+
+Routing ("routing" option):
+  topk           Each token picks its `top_k` most probable experts (Switch: top_k=1, GLaM: 2),
+                 weighted by their router probabilities (optionally renormalised to sum to 1).
+  expert_choice  Each expert picks its C = ceil(capacity_factor * tokens / experts) most probable
+                 tokens (Zhou et al., 2022); a token may get 0..E experts. Balanced by construction.
+
+Dispatch of top-k assignments ("dispatch" option):
+  capacity  Every expert has C = min(tokens, ceil(capacity_factor * tokens * top_k / experts))
+            slots. Assignments queue choice-major (every token's first choice before any token's
+            second choice), tokens in flattened (batch, seq) order; an assignment past its expert's
+            C-th slot is dropped (it contributes 0, so a token dropped by all its experts passes
+            only through the residual). Positions come from a one-hot cumsum (O(tokens·k·E)
+            memory); tokens move by gather/scatter into [E, C, d] buffers rather than GShard's
+            [tokens, E, C] dispatch einsum, whose memory is O(tokens²) and whose FLOPs grow with E.
+  dropless  Token copies are sorted by expert and the experts run as one grouped matmul
+            (`grouped_matmul`, `jax.lax.ragged_dot` today; the hook for a Pallas kernel). Nothing
+            is dropped. XLA:CPU lowers ragged_dot to a dense product over every group (FLOPs grow
+            with E; measured in experiments/benchmarks/moe.py); a grouped kernel plugs in there.
+
+Semantics worth knowing:
+  - Capacity depends on the number of tokens in the call, and assignments compete across the
+    whole flattened batch: with drops, a token's output depends on other tokens (including, for
+    top_k >= 2 or expert_choice, later ones), so a causal decoder is only exactly causal and
+    cached decoding only equals the full forward when nothing is dropped (dropless, or
+    capacity_factor >= num_experts / top_k). Expert choice is never causal; use it in encoders.
+  - Padding tokens are routed like any other and take capacity.
+
+Losses (returned as the second output, already weighted):
+  load balancing (Switch)  num_experts · Σ_e f_e · P_e, where f_e is the fraction of all top-k
+                           assignments (counted before capacity drops, so Σ_e f_e = 1) that go
+                           to e and P_e is the mean router probability of e over tokens. Uniform
+                           routing gives 1. Not applied to expert choice (balanced by design).
+  router z-loss            mean over tokens of logsumexp(router logits)².
+
+Axes: x [..., embed]; router logits [tokens, expert]; expert weights [expert, embed, mlp] and
+[expert, mlp, embed] (logical axis `expert` first, so parallel/ can shard experts).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.linear import Linear
+from models.registry import MLPS, module_options
+from models.sharding import param
+
+ROUTINGS = ("topk", "expert_choice")
+DISPATCHES = ("capacity", "dropless")
+EXPERT_MLPS = ("swiglu", "gelu")
+DEFAULTS = dict(
+  num_experts=8,
+  top_k=2,
+  routing="topk",
+  dispatch="capacity",
+  capacity_factor=1.25,
+  normalize_gates=False,
+  expert_mlp="swiglu",
+  expert_dim=0,  # 0: model.mlp_dim (8/3 · d_model unless set, also for gelu experts).
+  aux_loss_weight=0.01,
+  z_loss_weight=1e-3,
+  every=1,  # MoE in blocks with (index + 1) % every == 0, `dense_mlp` elsewhere (GLaM: 2).
+  dense_mlp="swiglu",
+)
+SETTING = "model.mlp_options"
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+_CHECKS = {
+  "num_experts": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+  "top_k": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 and <= num_experts"),
+  "routing": (lambda v: v in ROUTINGS, "one of " + ", ".join(ROUTINGS)),
+  "dispatch": (lambda v: v in DISPATCHES, "one of " + ", ".join(DISPATCHES)),
+  "capacity_factor": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+  "normalize_gates": (lambda v: isinstance(v, bool), "True or False"),
+  "expert_mlp": (lambda v: v in EXPERT_MLPS, "one of " + ", ".join(EXPERT_MLPS)),
+  "expert_dim": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = model.mlp_dim)"),
+  "aux_loss_weight": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+  "z_loss_weight": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+  "every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+  "dense_mlp": (lambda v: v in MLPS and v != "moe", "a registered MLP other than moe"),
+}
+
+
+def check_options(options: dict) -> None:
+  """Raises a one-line ValueError for the first MoE setting that is not allowed."""
+  for name, value in options.items():
+    ok, allowed = _CHECKS[name]
+    if not ok(value):
+      raise ValueError(f"{SETTING}.{name}={value!r} is not allowed for moe: {allowed}")
+  if options.get("top_k", 1) > options.get("num_experts", 1):
+    raise ValueError(
+      f"{SETTING}.top_k={options['top_k']} exceeds num_experts={options['num_experts']}; "
+      f"choose 1..{options['num_experts']}"
+    )
+
+
+def moe_options(cfg) -> dict:
+  """The MoE settings from `model.mlp_options` (flat or under "moe"), validated."""
+  options = module_options(cfg.mlp_options, "moe", DEFAULTS, setting=SETTING, registry=MLPS)
+  check_options(options)
+  return options
+
+
+def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+  """Slots per expert: min(tokens, ceil(capacity_factor · tokens · top_k / num_experts))."""
+  # The small epsilon keeps e.g. 1.1 * 10 = 11.000000000000002 from rounding up to 12.
+  c = math.ceil(capacity_factor * num_tokens * top_k / num_experts - 1e-9)
+  return max(1, min(num_tokens, c))
+
+
+def grouped_matmul(x_md: jax.Array, w_gkn: jax.Array, group_sizes_g: jax.Array) -> jax.Array:
+  """Rows of x sorted by group times their group's matrix: y[r] = x[r] @ w[group(r)].
+
+  The hook for a grouped-matmul kernel (e.g. a Pallas megablox-style kernel); today it is
+  `jax.lax.ragged_dot`. Rows past sum(group_sizes) give 0.
+
+  Args:
+    x_md: [rows, k], rows sorted by group.
+    w_gkn: [groups, k, n].
+    group_sizes_g: int32 [groups], rows per group.
+
+  Returns:
+    [rows, n].
+  """
+  return jax.lax.ragged_dot(x_md, w_gkn, group_sizes_g)
+
+
+def load_balancing_loss(probs_ne: jax.Array, experts_nk: jax.Array) -> jax.Array:
+  """Switch loss num_experts · Σ_e f_e · P_e; f_e over all top-k assignments (Σ_e f_e = 1).
+
+  Args:
+    probs_ne: Router probabilities, float32 [tokens, experts].
+    experts_nk: Chosen experts, int [tokens, top_k].
+  """
+  e = probs_ne.shape[-1]
+  counts_e = jnp.sum(jax.nn.one_hot(experts_nk, e, dtype=jnp.float32), axis=(0, 1))
+  f_e = counts_e / experts_nk.size
+  p_e = jnp.mean(probs_ne, axis=0)
+  return e * jnp.sum(f_e * p_e)
+
+
+def z_loss(logits_ne: jax.Array) -> jax.Array:
+  """Router z-loss: mean over tokens of logsumexp(logits)² (ST-MoE)."""
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits_ne, axis=-1)))
+
+
+class Experts(nnx.Module):
+  """`num_experts` SwiGLU or GELU MLPs with their weights stacked on a leading `expert` axis.
+
+  Args:
+    num_experts: Number of experts E.
+    dim: Model width d.
+    hidden: Hidden width h of each expert.
+    kind: "swiglu" (down(silu(gate x) * up x)) or "gelu" (down(gelu(up x + b) ) + b).
+    init_std, out_init_std: Initialiser stds of the input and output projections.
+    dtype, param_dtype: Compute and storage dtypes.
+    rngs: Random streams.
+  """
+
+  def __init__(
+    self,
+    num_experts: int,
+    dim: int,
+    hidden: int,
+    *,
+    kind: str = "swiglu",
+    init_std: float = 0.02,
+    out_init_std: float = 0.02,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.kind = kind
+    self.dtype = dtype
+    e, d, h = num_experts, dim, hidden
+
+    def normal(shape, std, axes):
+      return param(std * jax.random.normal(rngs.params(), shape, param_dtype), axes)
+
+    self.w_up = normal((e, d, h), init_std, ("expert", "embed", "mlp"))
+    self.w_gate = (
+      normal((e, d, h), init_std, ("expert", "embed", "mlp")) if kind == "swiglu" else None
+    )
+    self.w_down = normal((e, h, d), out_init_std, ("expert", "mlp", "embed"))
+    gelu = kind == "gelu"
+    self.b_up = param(jnp.zeros((e, h), param_dtype), ("expert", "mlp")) if gelu else None
+    self.b_down = param(jnp.zeros((e, d), param_dtype), ("expert", "embed")) if gelu else None
+
+  def _w(self, v):
+    return v[...].astype(self.dtype)
+
+  def __call__(self, x_ecd: jax.Array) -> jax.Array:
+    """Each expert on its own slots: [experts, slots, d] -> [experts, slots, d]."""
+    x = x_ecd.astype(self.dtype)
+    up = jnp.einsum("ecd,edh->ech", x, self._w(self.w_up))
+    if self.kind == "swiglu":
+      h = jax.nn.silu(jnp.einsum("ecd,edh->ech", x, self._w(self.w_gate))) * up
+    else:
+      h = jax.nn.gelu(up + self._w(self.b_up)[:, None])
+    y = jnp.einsum("ech,ehd->ecd", h, self._w(self.w_down))
+    return y if self.b_down is None else y + self._w(self.b_down)[:, None]
+
+  def grouped(self, x_md: jax.Array, group_sizes_e: jax.Array, experts_m: jax.Array) -> jax.Array:
+    """Rows sorted by expert, `group_sizes_e` rows per expert: [rows, d] -> [rows, d].
+
+    `experts_m` (each row's expert) is only used to add the GELU biases.
+    """
+    x = x_md.astype(self.dtype)
+    up = grouped_matmul(x, self._w(self.w_up), group_sizes_e)  # [rows, h]
+    if self.kind == "swiglu":
+      h = jax.nn.silu(grouped_matmul(x, self._w(self.w_gate), group_sizes_e)) * up
+    else:
+      h = jax.nn.gelu(up + self._w(self.b_up)[experts_m])
+    y = grouped_matmul(h, self._w(self.w_down), group_sizes_e)  # [rows, d]
+    return y if self.b_down is None else y + self._w(self.b_down)[experts_m]
+
+
+class MoE(nnx.Module):
+  """A routed mixture of expert MLPs; returns (output, weighted auxiliary loss).
+
+  Args:
+    dim: Model width d.
+    hidden: Hidden width of each expert.
+    num_experts: Number of experts E.
+    top_k: Experts per token for "topk" routing (unused by expert choice).
+    routing: "topk" or "expert_choice" (see the module docstring).
+    dispatch: "capacity" or "dropless" for top-k routing (expert choice always uses capacity).
+    capacity_factor: Slots per expert relative to a perfectly balanced load.
+    normalize_gates: Renormalise the top-k gates to sum to 1, before capacity drops (with
+      top_k=1 the gate is then 1 and the router learns only from the auxiliary losses).
+    expert_mlp: "swiglu" or "gelu".
+    aux_loss_weight: Weight of the load-balancing loss.
+    z_loss_weight: Weight of the router z-loss.
+    init_std, out_init_std, dtype, param_dtype: As for `models.mlp.SwiGLU`; the router always
+      computes in float32.
+    rngs: Random streams.
+  """
+
+  def __init__(
+    self,
+    dim: int,
+    hidden: int,
+    num_experts: int = 8,
+    *,
+    top_k: int = 2,
+    routing: str = "topk",
+    dispatch: str = "capacity",
+    capacity_factor: float = 1.25,
+    normalize_gates: bool = False,
+    expert_mlp: str = "swiglu",
+    aux_loss_weight: float = 0.01,
+    z_loss_weight: float = 1e-3,
+    init_std: float = 0.02,
+    out_init_std: float = 0.02,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    check_options(
+      dict(
+        num_experts=num_experts,
+        top_k=top_k,
+        routing=routing,
+        dispatch=dispatch,
+        capacity_factor=capacity_factor,
+        normalize_gates=normalize_gates,
+        expert_mlp=expert_mlp,
+        aux_loss_weight=aux_loss_weight,
+        z_loss_weight=z_loss_weight,
+      )
+    )
+    self.num_experts = num_experts
+    self.top_k = top_k
+    self.routing = routing
+    self.dispatch = dispatch
+    self.capacity_factor = capacity_factor
+    self.normalize_gates = normalize_gates
+    self.aux_loss_weight = aux_loss_weight
+    self.z_loss_weight = z_loss_weight
+    self.dtype = dtype
+    # Replicated (no `expert` axis): every token uses the router; it is not an expert parameter.
+    self.router = Linear(
+      dim,
+      num_experts,
+      axes=("embed", None),
+      init_std=init_std,
+      dtype=jnp.float32,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
+    self.experts = Experts(
+      num_experts,
+      dim,
+      hidden,
+      kind=expert_mlp,
+      init_std=init_std,
+      out_init_std=out_init_std,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[..., d] -> ([..., d], scalar float32 auxiliary loss)."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    x_nd = x.reshape(-1, d)
+    logits_ne = self.router(x_nd)  # float32 [tokens, experts]
+    probs_ne = jax.nn.softmax(logits_ne, axis=-1)
+    aux = self.z_loss_weight * z_loss(logits_ne)
+    if self.routing == "expert_choice":
+      y_nd = self._expert_choice(x_nd, probs_ne)
+    else:
+      gates_nk, experts_nk = jax.lax.top_k(probs_ne, self.top_k)
+      if self.normalize_gates:
+        gates_nk = gates_nk / jnp.sum(gates_nk, axis=-1, keepdims=True)
+      aux = aux + self.aux_loss_weight * load_balancing_loss(probs_ne, experts_nk)
+      dispatch = self._capacity if self.dispatch == "capacity" else self._dropless
+      y_nd = dispatch(x_nd, gates_nk, experts_nk)
+    return y_nd.astype(self.dtype).reshape(*lead, d), aux
+
+  def _capacity(self, x_nd, gates_nk, experts_nk):
+    n, k = experts_nk.shape
+    e, d = self.num_experts, x_nd.shape[-1]
+    c = capacity(n, e, k, self.capacity_factor)
+    # Assignments choice-major: all first choices queue before any second choice.
+    experts_a = experts_nk.T.reshape(-1)  # [k * n]
+    token_a = jnp.tile(jnp.arange(n), k)  # [k * n]
+    onehot_ae = jax.nn.one_hot(experts_a, e, dtype=jnp.int32)
+    pos_a = jnp.sum((jnp.cumsum(onehot_ae, axis=0) - 1) * onehot_ae, axis=-1)  # queue position
+    keep_a = pos_a < c
+    slot_a = jnp.where(keep_a, experts_a * c + pos_a, e * c)  # e * c: the drop bucket
+    # Which token fills each slot (n = empty), then gather tokens into per-expert buffers.
+    token_s = jnp.full((e * c + 1,), n, jnp.int32).at[slot_a].set(token_a)[: e * c]
+    x_pad = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])
+    y_ecd = self.experts(x_pad[token_s].reshape(e, c, d))  # [experts, capacity, d]
+    y_pad = jnp.concatenate([y_ecd.reshape(e * c, d), jnp.zeros((1, d), y_ecd.dtype)])
+    y_knd = y_pad[slot_a].reshape(k, n, d)  # dropped assignments read the zero row
+    return jnp.einsum("nk,knd->nd", gates_nk.astype(y_knd.dtype), y_knd)
+
+  def _dropless(self, x_nd, gates_nk, experts_nk):
+    n, k = experts_nk.shape
+    experts_a = experts_nk.reshape(-1)  # [n * k], token-major
+    order_a = jnp.argsort(experts_a, stable=True)
+    inverse_a = jnp.zeros_like(order_a).at[order_a].set(jnp.arange(n * k))
+    group_sizes_e = jnp.bincount(experts_a, length=self.num_experts).astype(jnp.int32)
+    x_sorted = x_nd[order_a // k]  # [n * k, d], grouped by expert
+    y_sorted = self.experts.grouped(x_sorted, group_sizes_e, experts_a[order_a])
+    y_nkd = y_sorted[inverse_a].reshape(n, k, -1)
+    return jnp.einsum("nk,nkd->nd", gates_nk.astype(y_nkd.dtype), y_nkd)
+
+  def _expert_choice(self, x_nd, probs_ne):
+    n, d = x_nd.shape
+    c = capacity(n, self.num_experts, 1, self.capacity_factor)
+    gates_ec, token_ec = jax.lax.top_k(probs_ne.T, c)  # each expert's top-c tokens
+    y_ecd = self.experts(x_nd[token_ec])  # [experts, capacity, d]
+    weighted = (gates_ec[..., None].astype(y_ecd.dtype) * y_ecd).reshape(-1, d)
+    return jnp.zeros((n, d), y_ecd.dtype).at[token_ec.reshape(-1)].add(weighted)
+
+
+def expert_usage(cfg) -> dict | None:
+  """`num_experts` and average `experts_per_token` of the config's MoE layers, as keyword
+  arguments for `metrics.params.active_params`; None when the model has no MoE.
+
+  experts_per_token is top_k for top-k routing (drops not discounted) and capacity_factor for
+  expert choice (E·C / tokens).
+  """
+  if "moe" not in cfg.mlp_pattern:
+    return None
+  o = moe_options(cfg)
+  per_token = o["capacity_factor"] if o["routing"] == "expert_choice" else o["top_k"]
+  return dict(num_experts=o["num_experts"], experts_per_token=float(per_token))
+
+
+@MLPS.register("moe")
+def _build(cfg, *, rngs: nnx.Rngs) -> MoE:
+  o = moe_options(cfg)
+  return MoE(
+    cfg.d_model,
+    o["expert_dim"] or cfg.mlp_dim,
+    o["num_experts"],
+    top_k=o["top_k"],
+    routing=o["routing"],
+    dispatch=o["dispatch"],
+    capacity_factor=o["capacity_factor"],
+    normalize_gates=o["normalize_gates"],
+    expert_mlp=o["expert_mlp"],
+    aux_loss_weight=o["aux_loss_weight"],
+    z_loss_weight=o["z_loss_weight"],
+    init_std=cfg.init_std,
+    out_init_std=cfg.out_init_std,
+    dtype=cfg.compute_dtype,
+    param_dtype=cfg.storage_dtype,
+    rngs=rngs,
+  )
+
+
+def _layer_pattern(cfg) -> tuple[str, ...]:
+  """MLPs of `every` consecutive blocks: the dense MLP, then MoE in the last (GLaM interleaving)."""
+  o = moe_options(cfg)
+  return (o["dense_mlp"],) * (o["every"] - 1) + ("moe",)
+
+
+# `ModelConfig.mlp_pattern` reads this to interleave dense and MoE blocks.
+_build.layer_pattern = _layer_pattern

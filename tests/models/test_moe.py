@@ -1,0 +1,305 @@
+"""Mixture of experts against its definition: dense mixture, capacity drops, losses, layouts."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from metrics.params import active_params, count_params
+from models import ModelConfig, build_model
+from models.moe import MoE, expert_usage, load_balancing_loss, z_loss
+
+D, H, E = 16, 24, 4
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def make(num_experts=E, *, router_std=1.0, seed=0, **kw) -> MoE:
+  moe = MoE(D, H, num_experts, rngs=nnx.Rngs(seed), init_std=0.2, out_init_std=0.2, **kw)
+  # A larger router scale than the default init so routing is far from uniform.
+  k = jax.random.normal(jax.random.key(seed + 1), (D, num_experts)) * router_std
+  moe.router.kernel[...] = k
+  return moe
+
+
+def inputs(n=12, seed=2):
+  return jax.random.normal(jax.random.key(seed), (2, n // 2, D), jnp.float32)
+
+
+def expert_ref(moe: MoE, e: int, x_nd):
+  """Expert e applied to every row, from its slice of the stacked weights."""
+  ex = moe.experts
+  w = lambda v: np.asarray(v[...])[e]
+  if ex.kind == "swiglu":
+    h = jax.nn.silu(x_nd @ w(ex.w_gate)) * (x_nd @ w(ex.w_up))
+    return h @ w(ex.w_down)
+  h = jax.nn.gelu(x_nd @ w(ex.w_up) + w(ex.b_up))
+  return h @ w(ex.w_down) + w(ex.b_down)
+
+
+def reference(moe: MoE, x, weights_ne):
+  """Σ_e weights[n, e] · expert_e(x_n)."""
+  x_nd = x.reshape(-1, D)
+  out = sum(weights_ne[:, e : e + 1] * expert_ref(moe, e, x_nd) for e in range(moe.num_experts))
+  return np.asarray(out).reshape(x.shape)
+
+
+def router_probs(moe, x):
+  return np.asarray(jax.nn.softmax(moe.router(x.reshape(-1, D)), axis=-1))
+
+
+@pytest.mark.parametrize("expert_mlp", ["swiglu", "gelu"])
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(dispatch="capacity", capacity_factor=1.0),
+    dict(dispatch="dropless"),
+    dict(routing="expert_choice", capacity_factor=float(E)),  # every expert takes every token
+  ],
+)
+def test_all_experts_equal_dense_mixture(kw, expert_mlp):
+  moe = make(top_k=E, expert_mlp=expert_mlp, **kw)
+  x = inputs()
+  out, aux = moe(x)
+  np.testing.assert_allclose(out, reference(moe, x, router_probs(moe, x)), **TOL)
+  assert aux.shape == () and np.isfinite(aux)
+
+
+@pytest.mark.parametrize(("top_k", "normalize_gates"), [(1, False), (2, True)])
+def test_capacity_equals_dropless_when_nothing_is_dropped(top_k, normalize_gates):
+  kw = dict(top_k=top_k, normalize_gates=normalize_gates)
+  cap = make(dispatch="capacity", capacity_factor=E / top_k, **kw)  # C = tokens: no drops
+  drop = make(dispatch="dropless", **kw)
+  x = inputs()
+  (o1, a1), (o2, a2) = cap(x), drop(x)
+  np.testing.assert_allclose(o1, o2, **TOL)
+  np.testing.assert_allclose(a1, a2, **TOL)
+  # And both equal the definition: top-k probabilities (renormalised or not) times the experts.
+  p = router_probs(cap, x)
+  idx = np.argsort(-p, axis=-1)[:, :top_k]
+  w = np.zeros_like(p)
+  np.put_along_axis(w, idx, np.take_along_axis(p, idx, -1), -1)
+  if normalize_gates:
+    w = w / w.sum(-1, keepdims=True)
+  np.testing.assert_allclose(o1, reference(cap, x, w), **TOL)
+
+  def loss(model):
+    out, aux = model(x)
+    return jnp.sum(out**2) + aux
+
+  g1, g2 = nnx.grad(loss)(cap), nnx.grad(loss)(drop)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _hand_router(moe, rows):
+  """Router rows for input features 0 and 1; every other feature gets zero router weight."""
+  k = np.zeros((D, moe.num_experts), np.float32)
+  k[: len(rows)] = rows
+  moe.router.kernel[...] = jnp.asarray(k)
+
+
+def test_tokens_over_capacity_are_dropped():
+  # All 8 tokens prefer expert 0 (top-1); C = ceil(1.0 · 8 · 1 / 4) = 2.
+  moe = make(top_k=1, capacity_factor=1.0)
+  _hand_router(moe, [[10.0, 0.0, 0.0, 0.0]])
+  x = inputs(n=8).at[..., 0].set(1.0)
+  out = np.asarray(moe(x)[0]).reshape(8, D)
+  p = router_probs(moe, x)
+  w = np.zeros_like(p)
+  w[:2, 0] = p[:2, 0]  # Only the first C tokens in flattened (batch, seq) order are served.
+  np.testing.assert_allclose(out, reference(moe, x, w).reshape(8, D), **TOL)
+  assert np.all(out[2:] == 0) and np.all(np.abs(out[:2]).sum(-1) > 0)
+
+
+def test_first_choices_queue_before_second_choices():
+  # Tokens 0-3 prefer experts (0, 1), tokens 4-7 prefer (1, 2); E = 3, k = 2,
+  # C = ceil(0.75 · 8 · 2 / 3) = 4. Expert 1 is filled by tokens 4-7's first choices, so tokens
+  # 0-3's second choices are dropped (a token-major queue would drop tokens 4-7 instead).
+  moe = make(num_experts=3, top_k=2, capacity_factor=0.75)
+  _hand_router(moe, [[5.0, 3.0, 0.0], [0.0, 5.0, 3.0]])
+  x = inputs(n=8).at[..., :2].set(0.0)
+  x = x.reshape(8, D).at[:4, 0].set(1.0).at[4:, 1].set(1.0).reshape(2, 4, D)
+  p = router_probs(moe, x)
+  w = np.zeros_like(p)
+  w[:4, 0] = p[:4, 0]
+  w[4:, 1:] = p[4:, 1:]
+  np.testing.assert_allclose(moe(x)[0], reference(moe, x, w), **TOL)
+
+
+def test_load_balancing_loss_formula():
+  # Balanced routing and uniform probabilities: E · Σ (1/E)(1/E) = 1.
+  probs = jnp.full((4, 2), 0.5)
+  assert np.isclose(load_balancing_loss(probs, jnp.array([[0], [1], [0], [1]])), 1.0)
+  # Everything to expert 0 with P = (0.9, 0.1): 2 · (1 · 0.9 + 0 · 0.1) = 1.8.
+  probs = jnp.tile(jnp.array([[0.9, 0.1]]), (4, 1))
+  assert np.isclose(load_balancing_loss(probs, jnp.zeros((4, 1), jnp.int32)), 1.8)
+  # Top-2 over 4 experts: f counts all 6 assignments; f = (2, 2, 1, 1)/6, P from the rows.
+  probs = jnp.array([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
+  experts = jnp.array([[0, 1], [3, 2], [0, 1]])
+  f = np.array([2, 2, 1, 1]) / 6
+  expected = 4 * np.sum(f * np.asarray(probs).mean(0))
+  np.testing.assert_allclose(load_balancing_loss(probs, experts), expected, rtol=1e-6)
+
+
+def test_z_loss_formula():
+  logits = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+  expected = np.mean(np.log(np.exp(logits).sum(-1)) ** 2)
+  np.testing.assert_allclose(z_loss(jnp.asarray(logits)), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_layer_aux_loss_on_uniform_router(top_k):
+  # Zero router: uniform probabilities, ties go to the lowest indices, so f_e = 1/k for e < k and
+  # the balance loss is E · k · (1/k)(1/E) = 1; logsumexp(0) = log E, so z-loss = (log E)².
+  moe = make(top_k=top_k, router_std=0.0, aux_loss_weight=0.3, z_loss_weight=0.05)
+  _, aux = moe(inputs())
+  np.testing.assert_allclose(aux, 0.3 * 1.0 + 0.05 * math.log(E) ** 2, rtol=1e-6)
+
+
+def test_expert_choice_each_expert_takes_exactly_c_tokens():
+  cf = 1.5
+  moe = make(routing="expert_choice", capacity_factor=cf)
+  x = inputs(n=12)
+  p = router_probs(moe, x)
+  c = math.ceil(cf * 12 / E)  # = 5
+  w = np.zeros_like(p)
+  for e in range(E):
+    chosen = np.argsort(-p[:, e], kind="stable")[:c]
+    w[chosen, e] = p[chosen, e]
+  assert np.all((w > 0).sum(0) == c)  # the reference really gives each expert C tokens
+  out, aux = moe(x)
+  np.testing.assert_allclose(out, reference(moe, x, w), **TOL)
+  # Only the z-loss: expert choice is balanced by construction.
+  np.testing.assert_allclose(aux, 1e-3 * z_loss(moe.router(x.reshape(-1, D))), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(dispatch="capacity", top_k=2),
+    dict(dispatch="dropless", top_k=1),
+    dict(dispatch="dropless", top_k=2, expert_mlp="gelu"),
+    dict(routing="expert_choice"),
+  ],
+)
+def test_gradients_finite_and_reach_router_and_experts(kw):
+  moe = make(**kw)
+  x = inputs()
+
+  def loss(model, x):
+    out, aux = model(x)
+    return jnp.mean(out**2) + aux
+
+  grads, gx = jax.jit(nnx.grad(loss, argnums=(0, 1)))(moe, x)
+  for leaf in [*jax.tree.leaves(grads), gx]:
+    assert np.isfinite(np.asarray(leaf)).all()
+  assert np.abs(grads.router.kernel[...]).sum() > 0
+  assert np.abs(grads.experts.w_down[...]).sum() > 0
+  assert np.abs(gx).sum() > 0
+
+
+TINY = dict(vocab_size=37, d_model=32, num_layers=4, num_heads=4, max_seq_len=32, mlp="moe")
+
+
+def tokens(b=2, t=10):
+  return jax.random.randint(jax.random.key(0), (b, t), 0, 37, jnp.int32)
+
+
+@pytest.mark.parametrize(
+  ("mixer", "num_layers", "every", "group"), [("dense", 4, 2, 2), ("dense,dense,dense", 6, 2, 6)]
+)
+def test_every_k_places_moe_on_layers_with_index_plus_one_divisible_by_k(
+  mixer, num_layers, every, group
+):
+  cfg = ModelConfig(**{**TINY, "num_layers": num_layers}, mixer=mixer, mlp_options={"every": every})
+  assert cfg.group_size == group
+  model = nnx.eval_shape(lambda: build_model(cfg))
+  blocks = model.layers.groups.blocks
+  assert model.layers.num_groups * len(blocks) == num_layers
+  for i in range(num_layers):
+    assert isinstance(blocks[i % group].mlp, MoE) == ((i + 1) % every == 0), i
+
+
+def test_num_layers_must_fill_whole_groups():
+  with pytest.raises(ValueError, match=r"model\.num_layers=3 .* block group length 2") as e:
+    ModelConfig(**{**TINY, "num_layers": 3}, mlp_options={"every": 2})
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+  ("options", "match"),
+  [
+    ({"top_k": 9}, r"top_k=9 exceeds num_experts=8"),
+    ({"num_experts": 0}, r"num_experts=0 is not allowed"),
+    ({"routing": "hash"}, r"routing='hash' is not allowed .* topk, expert_choice"),
+    ({"dispatch": "gshard"}, r"dispatch='gshard' is not allowed"),
+    ({"capacity_factor": 0}, r"capacity_factor=0 is not allowed"),
+    ({"expert_mlp": "relu"}, r"expert_mlp='relu' is not allowed .* swiglu, gelu"),
+    ({"expert_dim": -1}, r"expert_dim=-1 is not allowed"),
+    ({"aux_loss_weight": -1.0}, r"aux_loss_weight=-1.0 is not allowed"),
+    ({"normalize_gates": 1}, r"normalize_gates=1 is not allowed"),
+    ({"every": 0}, r"every=0 is not allowed"),
+    ({"dense_mlp": "moe"}, r"dense_mlp='moe' is not allowed"),
+    ({"experts": 4}, r"model\.mlp_options\.experts is not a setting of MLP 'moe'"),
+  ],
+)
+def test_bad_options_give_one_line_errors(options, match):
+  with pytest.raises(ValueError, match=match) as e:
+    ModelConfig(**TINY, mlp_options=options)
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+  "options",
+  [
+    dict(num_experts=4, top_k=1, every=2, expert_mlp="gelu", expert_dim=16),
+    dict(num_experts=4, routing="expert_choice", capacity_factor=1.5, expert_dim=16),
+  ],
+)
+def test_active_params_hand_count(options):
+  cfg = ModelConfig(**TINY, mlp_options=options)
+  state = nnx.state(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param)
+  d, h, e = 32, 16, 4
+  gelu = options.get("expert_mlp") == "gelu"
+  # gelu: w_up, b_up, w_down, b_down; swiglu: w_gate, w_up, w_down.
+  per_layer = e * (d * h + h + h * d + d) if gelu else e * 3 * d * h
+  moe_layers = 4 // options.get("every", 1)
+  expert_total = moe_layers * per_layer
+  per_token = 1.0 if options.get("routing") != "expert_choice" else 1.5
+  expected = count_params(state) - expert_total + expert_total * per_token / e
+  usage = expert_usage(cfg)
+  assert usage == dict(num_experts=e, experts_per_token=per_token)
+  assert active_params(state, **usage) == round(expected)  # via `expert` axis metadata
+  assert active_params(state.to_pure_dict(), **usage) == round(expected)  # via the path
+
+
+def test_active_params_of_a_dense_model_is_the_total():
+  cfg = ModelConfig(**{**TINY, "mlp": "swiglu"})
+  state = nnx.state(nnx.eval_shape(lambda: build_model(cfg)), nnx.Param)
+  assert expert_usage(cfg) is None
+  assert active_params(state) == count_params(state)
+
+
+@pytest.mark.parametrize(
+  "options", [dict(dispatch="dropless"), dict(dispatch="capacity", capacity_factor=E / 2)]
+)
+def test_cached_decoding_equals_full_forward(options):
+  """Position-wise, so decoding needs no MoE state; with capacity dispatch the capacity depends
+  on the tokens in each call, so the two agree only when nothing is dropped (C >= tokens)."""
+  cfg = ModelConfig(
+    **{**TINY, "num_layers": 2}, mlp_options={"num_experts": E, "top_k": 2, **options}
+  )
+  model = build_model(cfg)
+  call = nnx.jit(lambda m, x, cache, i: m(x, cache=cache, cache_index=i))
+  x = tokens(t=9)
+  full = nnx.jit(lambda m, x: m(x).logits)(model, x)
+  out = call(model, x[:, :4], model.init_cache(2, 12), 0)  # Prefill 4 tokens at once.
+  steps, cache = [out.logits], out.cache
+  for t in range(4, 9):  # Then one token at a time.
+    out = call(model, x[:, t : t + 1], cache, jnp.asarray(t))
+    steps.append(out.logits)
+    cache = out.cache
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
