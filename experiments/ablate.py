@@ -5,7 +5,8 @@
 
 An ablation file defines `get_ablation(arg) -> dict` with:
   tasks: {name: {"config": "experiments/configs/x.py[:variant]", "overrides": {dotted: value},
-                 "quality": "eval_accuracy" | "eval_loss" | ..., "higher_is_better": bool}}
+                 "quality": "eval_accuracy" | "eval_loss" | ..., "higher_is_better": bool,
+                 "arm_overrides": {arm: {dotted: value}}  (optional, per-task tweaks of an arm)}}
   arms:  {name: {dotted.setting: value}}   (applied on top of each task's config)
   cost:  report field for the Pareto x-axis: "xla_flops_per_token", "peak_bytes" or "step_s".
 Each (task, arm) trains in <workdir>/<task>/<arm> through the normal training loop; finished runs
@@ -72,6 +73,7 @@ def _row(report: dict, result_eval: dict) -> dict:
     "peak_bytes": report["memory"]["peak_bytes"],
     "xla_flops_per_token": report["flops"]["xla_flops_per_token"],
     "params": report["params"]["total"],
+    "active_params": report["params"].get("active_per_token", report["params"]["total"]),
     "wall_s": report["time"]["total_wall_s"],
   }
 
@@ -100,7 +102,10 @@ def run_arm(task: dict, overrides: dict, workdir: str, steps: int) -> dict:
 def _print_table(task_name: str, task: dict, rows: dict) -> None:
   q = task["quality"]
   print(f"\n== {task_name}: {q} ({'higher' if task['higher_is_better'] else 'lower'} is better)")
-  print(f"{'arm':22s}{q:>14s}{'tokens/s':>11s}{'peak MiB':>10s}{'GFLOP/tok':>11s}{'params':>10s}")
+  print(
+    f"{'arm':22s}{q:>14s}{'tokens/s':>11s}{'peak MiB':>10s}{'GFLOP/tok':>11s}{'params':>10s}"
+    f"{'active':>10s}"
+  )
   for arm, row in rows.items():
     if "error" in row:
       print(f"{arm:22s}  error: {row['error']}")
@@ -109,6 +114,7 @@ def _print_table(task_name: str, task: dict, rows: dict) -> None:
     print(
       f"{arm:22s}{row.get(q, float('nan')):14.4f}{row['train_tokens_per_s']:11.0f}"
       f"{(row['peak_bytes'] or 0) / 2**20:10.1f}{(flops or 0) / 1e9:11.4f}{row['params']:10d}"
+      f"{row.get('active_params', row['params']):10d}"
     )
 
 
@@ -158,7 +164,8 @@ def main(argv):
     for arm, overrides in arms.items():
       workdir = os.path.join(FLAGS.workdir, task_name, arm)
       try:
-        rows[arm] = run_arm(task, overrides, workdir, FLAGS.steps)
+        tweaks = task.get("arm_overrides", {}).get(arm, {})
+        rows[arm] = run_arm(task, {**overrides, **tweaks}, workdir, FLAGS.steps)
       except ValueError as e:  # A bad arm (e.g. an unregistered variant) must not stop the sweep.
         rows[arm] = {"error": str(e).splitlines()[0]}
         print(f"{task_name}/{arm}: error: {rows[arm]['error']}", file=sys.stderr)
