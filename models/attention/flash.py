@@ -10,7 +10,11 @@ so no [T, S] matrix is stored in either direction. Blocks whose mask is empty fo
 (above the diagonal when causal, empty KV-cache slots, disjoint segments) are skipped with
 `lax.cond`. Grouped-query heads share a key block, so dK/dV sum over the query group.
 
-`implementation="pallas"` is reserved for a fused kernel that is not in this codebase yet.
+`implementation="pallas"` runs the fused Pallas kernels of `kernels_pallas.flash_attention` (same
+math, one kernel per pass) for calls without a KV cache: on TPU the Mosaic kernel, on CUDA the Mosaic
+GPU kernel (Hopper or newer, bfloat16), elsewhere (CPU) its jnp reference, chosen per platform when
+the program is lowered. With a KV cache (decoding) the XLA code below runs. `interpret=True` runs the
+TPU kernel in Pallas interpret mode instead (CPU tests).
 """
 
 import functools
@@ -19,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas.flash_attention import api as pallas_api
+from kernels_pallas.flash_attention.config import BlockSizes
 from models.attention.base import NEG_INF, Attention, MaskInfo, attention_kwargs, mixer_options
 from models.attention.blocks import (
   block_mask,
@@ -185,27 +191,59 @@ class FlashAttention(Attention):
   Args:
     block_q: Query block size.
     block_k: Key/value block size.
-    implementation: "xla" (this file); "pallas" is reserved for a fused kernel.
+    implementation: "xla" (this file) or "pallas" (fused kernels, see the module docstring; the
+      blocks must then suit every kernel: block_q a multiple of 64, block_k of 128).
+    interpret: With "pallas": run the TPU kernel in interpret mode (for CPU tests; then block_q
+      need only be a multiple of 8).
     **kwargs: As for `Attention`.
   """
 
   def __init__(
-    self, *args, block_q: int = 128, block_k: int = 128, implementation: str = "xla", **kwargs
+    self,
+    *args,
+    block_q: int = 128,
+    block_k: int = 128,
+    implementation: str = "xla",
+    interpret: bool = False,
+    **kwargs,
   ):
-    if implementation == "pallas":
-      raise ValueError(
-        "model.mixer_options.implementation='pallas' is reserved: the Pallas flash-attention "
-        "kernel is not in this codebase yet; use 'xla'"
-      )
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(
         f"model.mixer_options.implementation={implementation!r} is not known for flash "
         f"attention; choose one of: {', '.join(IMPLEMENTATIONS)}"
       )
+    if not isinstance(interpret, bool):
+      raise ValueError(f"model.mixer_options.interpret={interpret!r} must be true or false")
     self.block_q = check_positive("flash", "block_q", block_q)
     self.block_k = check_positive("flash", "block_k", block_k)
+    if implementation == "pallas":
+      q_multiple = 8 if interpret else 64  # TPU sublanes; GPU wgmma rows.
+      for key, value, multiple in (("block_q", block_q, q_multiple), ("block_k", block_k, 128)):
+        if value % multiple:
+          raise ValueError(
+            f"model.mixer_options.{key}={value} is not allowed with implementation='pallas'; "
+            f"it must be a multiple of {multiple}"
+          )
     self.implementation = implementation
+    self.interpret = interpret
     super().__init__(*args, **kwargs)
+
+  def mix(self, q, k, v, *, segment_ids_bt=None, cache=None, cache_index=None):
+    if self.implementation != "pallas" or cache is not None:
+      return super().mix(
+        q, k, v, segment_ids_bt=segment_ids_bt, cache=cache, cache_index=cache_index
+      )
+    out = pallas_api.flash_attention(
+      q,
+      k,
+      v,
+      segment_ids=segment_ids_bt,
+      causal=self.causal,
+      block_sizes=BlockSizes(block_q=self.block_q, block_kv=self.block_k),
+      implementation="tpu" if self.interpret else "auto",
+      interpret=self.interpret,
+    )
+    return out, None
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo) -> jax.Array:
     return flash_attention(q, k, v, info, self.block_q, self.block_k)
@@ -213,6 +251,6 @@ class FlashAttention(Attention):
 
 @MIXERS.register("flash")
 def _flash_builder(cfg, *, causal: bool, rngs: nnx.Rngs) -> FlashAttention:
-  defaults = {"block_q": 128, "block_k": 128, "implementation": "xla"}
+  defaults = {"block_q": 128, "block_k": 128, "implementation": "xla", "interpret": False}
   options = mixer_options(cfg, "flash", defaults)
   return FlashAttention(**attention_kwargs(cfg, causal=causal, rngs=rngs), **options)

@@ -195,16 +195,17 @@ def test_model_equals_dense_model(name, kind):
     ("memory_efficient", dict(chunk=4), "chunk"),
     ("flash", dict(block_q=-2), "block_q"),
     ("flash", dict(block_k=0), "block_k"),
-    ("flash", dict(implementation="pallas"), "implementation"),
     ("flash", dict(implementation="cuda"), "implementation"),
+    ("flash", dict(implementation="pallas", block_q=32), "block_q"),
+    ("flash", dict(implementation="pallas", block_k=64), "block_k"),
+    ("flash", dict(implementation="pallas", interpret=True, block_q=12), "block_q"),
+    ("flash", dict(implementation="pallas", interpret="yes"), "interpret"),
   ],
 )
 def test_bad_settings_raise_one_line_errors(name, options, key):
   with pytest.raises(ValueError, match=rf"model\.mixer_options\.{key}") as err:
     build_model(ModelConfig(**{**TINY, "mixer": name, "mixer_options": options}))
   assert "\n" not in str(err.value)
-  if options.get("implementation") == "pallas":
-    assert "not in this codebase yet" in str(err.value)
 
 
 def test_blocked_variants_use_far_less_memory_than_dense():
@@ -226,3 +227,60 @@ def test_blocked_variants_use_far_less_memory_than_dense():
   for fn in (chunked_attention, flash_attention):
     blocked = temp_bytes(lambda q, k, v, fn=fn: fn(q, k, v, info, 128, 128))
     assert blocked < 0.25 * dense, (fn.__name__, blocked, dense)
+
+
+PALLAS = dict(implementation="pallas", interpret=True, block_q=8, block_k=128)
+
+
+@pytest.mark.parametrize(
+  ("causal", "num_kv_heads", "segments"), [(True, 2, True), (False, 1, False)]
+)
+def test_pallas_flash_matches_reference(causal, num_kv_heads, segments):
+  """implementation='pallas' (the TPU kernel, interpreted): forward and vjp equal dense attention."""
+  (q, k, v), ct, info = inputs(num_kv_heads, jnp.float32, segments, causal)
+  layer = mixer("flash", causal=causal, num_kv_heads=num_kv_heads, **PALLAS)
+
+  def attend(q, k, v):
+    return layer.mix(q, k, v, segment_ids_bt=info.q_seg)[0]
+
+  out, grads = forward_and_vjp(attend, (q, k, v), ct)
+  mask = info.dense_mask()
+  ref, ref_grads = forward_and_vjp(lambda *a: reference_attention(*a, mask), (q, k, v), ct)
+  assert_close(out, ref, 1e-5, T)
+  for got, want in zip(grads, ref_grads, strict=True):
+    assert_close(got, want, 1e-5, T * HEADS)
+
+
+def test_pallas_flash_model_equals_xla_flash_model_and_decodes():
+  """Same parameters, same logits as the XLA flash model (packed segments); decoding (which uses
+  the XLA path with the cache) continues the kernel's full forward."""
+  cfg = tiny("flash")
+  model = build_model(dataclasses.replace(cfg, mixer_options=PALLAS))
+  xla = nnx.merge(nnx.graphdef(build_model(cfg)), nnx.state(model))
+  x = tokens(13)
+  seg = jnp.asarray([[1] * 6 + [2] * 5 + [0] * 2, [1] * 13], jnp.int32)
+  want, _ = compiled(xla)(x, segment_ids=seg)
+  got, _ = compiled(model)(x, segment_ids=seg)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+  run = compiled(model)
+  full, _ = run(x)
+  logits, cache = run(x[:, :9], model.init_cache(batch=2, max_len=16), jnp.int32(0))
+  steps = [logits]
+  for t in range(9, 13):
+    logits, cache = run(x[:, t : t + 1], cache, jnp.int32(t))
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_pallas_flash_auto_lowers_to_the_tpu_kernel():
+  """With implementation='pallas' (auto dispatch) a TPU lowering contains the Mosaic kernels and a
+  CPU lowering does not (it takes the reference)."""
+  model = build_model(tiny("flash", mixer_options=dict(implementation="pallas")))
+  graphdef, state = nnx.split(model)
+
+  def loss(state, x):
+    return nnx.merge(graphdef, state)(x).logits.sum()
+
+  traced = jax.jit(jax.grad(loss)).trace(state, tokens(16))
+  assert traced.lower(lowering_platforms=("tpu",)).as_text().count("tpu_custom_call") == 3
+  assert "custom_call" not in traced.lower().as_text()
