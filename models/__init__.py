@@ -5,7 +5,7 @@ model = build_model(ModelConfig(vocab_size=256, d_model=128, num_layers=2, num_h
 out = model(tokens)  # ModelOutput(logits, cache, aux_loss)
 """
 
-from models import attention, hyena, mlp, moe, monarch, norms  # noqa: F401  (registers mixers, MLPs, norms)
+from models import attention, hyena, mamba, mlp, moe, monarch, norms, rwkv  # noqa: F401  (registers layers)
 from models.config import ModelConfig, get_default_config
 from models.registry import MIXERS, MLPS, NORMS
 from models.transformer import (
