@@ -18,7 +18,8 @@ ARMS = {
   # Buckets are padded to whole chunks, so on these 32/64-token tasks the defaults (8 buckets x
   # 64-token chunks) would attend over ~550 slots; 4 x 16 keeps the padding at <= 64 slots.
   "lsh": {"model.mixer": "lsh", "model.mixer_options": {"num_buckets": 4, "chunk_size": 16}},
-  "kde": {"model.mixer": "kde"},
+  # The default 32 samples would enumerate every key of a 32-token MQAR sequence (exact attention).
+  "kde_8": {"model.mixer": "kde", "model.mixer_options": {"num_samples": 8}},
   "mega": {"model.mixer": "mega"},
 }
 
