@@ -10,7 +10,7 @@ decoding state sized for L + 1 tokens and generates the token at position L. Per
     machine noise hits them alike (the state buffer is donated, so a constant-size state is
     updated in place rather than copied).
 Ratios are against the shortest context of the same mixer, measured in the same run. Writes
-results/decode.json and results/decode.png.
+results/decode.json and results/decode.png; a run with `--mixers` updates those mixers' rows.
 """
 
 import json
@@ -122,7 +122,11 @@ def main(argv):
   from models import MIXERS
 
   contexts = sorted(int(c) for c in FLAGS.contexts)
+  json_path = os.path.join(FLAGS.out, "decode.json")
   results = {}
+  if FLAGS["mixers"].present and os.path.exists(json_path):
+    with open(json_path) as f:  # A partial rerun updates its mixers and keeps the others.
+      results = json.load(f)["results"]
   for mixer in FLAGS.mixers:
     if mixer not in MIXERS:
       print(f"{mixer}: not registered, skipped")
@@ -134,7 +138,7 @@ def main(argv):
   _table(results, contexts)
   os.makedirs(FLAGS.out, exist_ok=True)
   setup = {"d_model": FLAGS.d_model, "heads": FLAGS.heads, "layers": 1, "dtype": "float32"}
-  with open(os.path.join(FLAGS.out, "decode.json"), "w") as f:
+  with open(json_path, "w") as f:
     json.dump({"setup": setup, "options": OPTIONS, "results": results}, f, indent=2)
   _plot(results, os.path.join(FLAGS.out, "decode.png"))
 
