@@ -50,6 +50,7 @@ from models.sharding import param
 
 ROUTINGS = ("topk", "expert_choice")
 DISPATCHES = ("capacity", "dropless")
+GROUPED_MATMULS = ("xla", "pallas")
 EXPERT_MLPS = ("swiglu", "gelu")
 DEFAULTS = dict(
   num_experts=8,
@@ -64,6 +65,7 @@ DEFAULTS = dict(
   z_loss_weight=1e-3,
   every=1,  # MoE in blocks with (index + 1) % every == 0, `dense_mlp` elsewhere (GLaM: 2).
   dense_mlp="swiglu",
+  grouped_matmul="xla",  # Dropless: "xla" (ragged_dot) or "pallas" (kernels_pallas, TPU/GPU).
 )
 SETTING = "model.mlp_options"
 
@@ -89,6 +91,7 @@ _CHECKS = {
   "z_loss_weight": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
   "every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
   "dense_mlp": (lambda v: v in MLPS and v != "moe", "a registered MLP other than moe"),
+  "grouped_matmul": (lambda v: v in GROUPED_MATMULS, "one of " + ", ".join(GROUPED_MATMULS)),
 }
 
 
@@ -119,20 +122,28 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: flo
   return max(1, min(num_tokens, c))
 
 
-def grouped_matmul(x_md: jax.Array, w_gkn: jax.Array, group_sizes_g: jax.Array) -> jax.Array:
+def grouped_matmul(
+  x_md: jax.Array, w_gkn: jax.Array, group_sizes_g: jax.Array, implementation: str = "xla"
+) -> jax.Array:
   """Rows of x sorted by group times their group's matrix: y[r] = x[r] @ w[group(r)].
 
-  The hook for a grouped-matmul kernel (e.g. a Pallas megablox-style kernel); today it is
-  `jax.lax.ragged_dot`. Rows past sum(group_sizes) give 0.
+  "xla" is `jax.lax.ragged_dot` (XLA:CPU computes it densely over every group); "pallas" is
+  `kernels_pallas.ragged_matmul` (the Pallas kernel on TPU/GPU, ragged_dot elsewhere). Rows past
+  sum(group_sizes) give 0.
 
   Args:
     x_md: [rows, k], rows sorted by group.
     w_gkn: [groups, k, n].
     group_sizes_g: int32 [groups], rows per group.
+    implementation: "xla" or "pallas".
 
   Returns:
     [rows, n].
   """
+  if implementation == "pallas":
+    from kernels_pallas.ragged_matmul.api import ragged_matmul
+
+    return ragged_matmul(x_md, w_gkn, group_sizes_g).astype(x_md.dtype)
   return jax.lax.ragged_dot(x_md, w_gkn, group_sizes_g)
 
 
@@ -163,6 +174,7 @@ class Experts(nnx.Module):
     dim: Model width d.
     hidden: Hidden width h of each expert.
     kind: "swiglu" (down(silu(gate x) * up x)) or "gelu" (down(gelu(up x + b) ) + b).
+    grouped_matmul: Implementation of the dropless path's grouped matmuls ("xla" / "pallas").
     init_std, out_init_std: Initialiser stds of the input and output projections.
     dtype, param_dtype: Compute and storage dtypes.
     rngs: Random streams.
@@ -175,6 +187,7 @@ class Experts(nnx.Module):
     hidden: int,
     *,
     kind: str = "swiglu",
+    grouped_matmul: str = "xla",
     init_std: float = 0.02,
     out_init_std: float = 0.02,
     dtype=jnp.float32,
@@ -182,6 +195,7 @@ class Experts(nnx.Module):
     rngs: nnx.Rngs,
   ):
     self.kind = kind
+    self.grouped_impl = grouped_matmul
     self.dtype = dtype
     e, d, h = num_experts, dim, hidden
 
@@ -217,12 +231,14 @@ class Experts(nnx.Module):
     `experts_m` (each row's expert) is only used to add the GELU biases.
     """
     x = x_md.astype(self.dtype)
-    up = grouped_matmul(x, self._w(self.w_up), group_sizes_e)  # [rows, h]
+    up = grouped_matmul(x, self._w(self.w_up), group_sizes_e, self.grouped_impl)  # [rows, h]
     if self.kind == "swiglu":
-      h = jax.nn.silu(grouped_matmul(x, self._w(self.w_gate), group_sizes_e)) * up
+      h = (
+        jax.nn.silu(grouped_matmul(x, self._w(self.w_gate), group_sizes_e, self.grouped_impl)) * up
+      )
     else:
       h = jax.nn.gelu(up + self._w(self.b_up)[experts_m])
-    y = grouped_matmul(h, self._w(self.w_down), group_sizes_e)  # [rows, d]
+    y = grouped_matmul(h, self._w(self.w_down), group_sizes_e, self.grouped_impl)  # [rows, d]
     return y if self.b_down is None else y + self._w(self.b_down)[experts_m]
 
 
@@ -240,6 +256,7 @@ class MoE(nnx.Module):
     normalize_gates: Renormalise the top-k gates to sum to 1, before capacity drops (with
       top_k=1 the gate is then 1 and the router learns only from the auxiliary losses).
     expert_mlp: "swiglu" or "gelu".
+    grouped_matmul: "xla" or "pallas" grouped matmuls for dropless dispatch.
     aux_loss_weight: Weight of the load-balancing loss.
     z_loss_weight: Weight of the router z-loss.
     init_std, out_init_std, dtype, param_dtype: As for `models.mlp.SwiGLU`; the router always
@@ -259,6 +276,7 @@ class MoE(nnx.Module):
     capacity_factor: float = 1.25,
     normalize_gates: bool = False,
     expert_mlp: str = "swiglu",
+    grouped_matmul: str = "xla",
     aux_loss_weight: float = 0.01,
     z_loss_weight: float = 1e-3,
     init_std: float = 0.02,
@@ -276,6 +294,7 @@ class MoE(nnx.Module):
         capacity_factor=capacity_factor,
         normalize_gates=normalize_gates,
         expert_mlp=expert_mlp,
+        grouped_matmul=grouped_matmul,
         aux_loss_weight=aux_loss_weight,
         z_loss_weight=z_loss_weight,
       )
@@ -304,6 +323,7 @@ class MoE(nnx.Module):
       dim,
       hidden,
       kind=expert_mlp,
+      grouped_matmul=grouped_matmul,
       init_std=init_std,
       out_init_std=out_init_std,
       dtype=dtype,
@@ -395,6 +415,7 @@ def _build(cfg, *, rngs: nnx.Rngs) -> MoE:
     capacity_factor=o["capacity_factor"],
     normalize_gates=o["normalize_gates"],
     expert_mlp=o["expert_mlp"],
+    grouped_matmul=o["grouped_matmul"],
     aux_loss_weight=o["aux_loss_weight"],
     z_loss_weight=o["z_loss_weight"],
     init_std=cfg.init_std,
