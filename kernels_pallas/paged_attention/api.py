@@ -1,8 +1,10 @@
 """The public paged-attention decode function: checks and the per-platform dispatch.
 
 `implementation="auto"` stages every backend with `jax.lax.platform_dependent` (TPU kernel on
-"tpu", GPU kernel on "cuda" when it supports the shapes, else the reference; the jnp reference
-anywhere else), chosen when the program is lowered, never by querying the live device. Decode only:
+"tpu", GPU kernel on "cuda", the jnp reference anywhere else), chosen when the program is lowered,
+never by querying the live device. A cache layout a kernel cannot take (TPU: page_size not a
+multiple of the dtype's sublane tiling; GPU: head_dim or page_size not a power of two) runs the
+reference on that platform under "auto", and raises under "tpu" / "gpu". Decode only:
 there is no gradient (every input passes through `lax.stop_gradient`), so the kernels are never
 differentiated.
 """
@@ -19,6 +21,7 @@ from kernels_pallas.paged_attention.config import (
   gpu_unsupported,
   make_config,
   tpu_pages_per_block,
+  tpu_unsupported,
 )
 
 __all__ = ["BlockSizes", "paged_attention"]
@@ -66,8 +69,9 @@ def paged_attention(
     q, k_pages, v_pages, lengths, block_tables, k_scale=k_scale, v_scale=v_scale, scale=scale,
     block_sizes=block_sizes, implementation=implementation, interpret=interpret,
   )  # fmt: skip
-  if cfg.implementation in ("tpu", "auto"):
-    tpu_pages_per_block(cfg)  # Raise block/page-size errors here, not inside a trace.
+  # Raise block/page-size errors here, not inside a trace.
+  if cfg.implementation == "tpu" or (cfg.implementation == "auto" and not tpu_unsupported(cfg)):
+    tpu_pages_per_block(cfg)
   if cfg.implementation == "gpu" or (cfg.implementation == "auto" and not gpu_unsupported(cfg)):
     gpu_pages_per_block(cfg)
   capacity = cfg.pages_per_seq * cfg.page_size
@@ -108,10 +112,11 @@ def _dispatch(cfg: PagedConfig, *args):
 
     return call
 
+  on_tpu = _reference if tpu_unsupported(cfg) else tpu.paged_attention
   cuda = _reference if gpu_unsupported(cfg) else _gpu().paged_attention
   return lax.platform_dependent(
     *[args[i] for i in present],
-    tpu=branch(tpu.paged_attention),
+    tpu=branch(on_tpu),
     cuda=branch(cuda),
     default=branch(_reference),
   )

@@ -153,14 +153,20 @@ def make_config(
   )  # fmt: skip
 
 
-def tpu_pages_per_block(cfg: PagedConfig) -> int:
-  """Pages per DMA round; checks the page tiling rule of the TPU kernel."""
+def tpu_unsupported(cfg: PagedConfig) -> str | None:
+  """Why the TPU kernel cannot take this call (None if it can): a page is one DMA of whole
+  sublane tiles of the cache dtype."""
   rows = TPU_SUBLANES[cfg.kv_dtype]
   if cfg.page_size % rows:
-    raise error(
-      f"page_size={cfg.page_size} is not allowed for the TPU kernel with {cfg.kv_dtype} pages; "
-      f"use a multiple of {rows} (one page is a DMA of whole sublane tiles)"
-    )
+    return f"page_size={cfg.page_size} must be a multiple of {rows} for {cfg.kv_dtype} pages"
+  return None
+
+
+def tpu_pages_per_block(cfg: PagedConfig) -> int:
+  """Pages per DMA round (raises if the TPU kernel cannot run the call)."""
+  reason = tpu_unsupported(cfg)
+  if reason:
+    raise error(f"the TPU kernel cannot run this call: {reason}; use implementation='reference'")
   ppb = cfg.block_sizes.pages_per_block
   if ppb is None:
     ppb = max(1, TPU_TOKENS_PER_BLOCK // cfg.page_size)

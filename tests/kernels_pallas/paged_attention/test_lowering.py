@@ -49,12 +49,19 @@ def test_exports(platform, kv_dtype):
   assert text.count(call) == 1 and other not in text
 
 
-def test_auto_on_cuda_falls_back_when_the_gpu_kernel_cannot_run():
-  """head_dim 96 is not a power of two: "auto" lowers the reference for CUDA, "gpu" refuses."""
+def test_auto_falls_back_where_a_kernel_cannot_run():
+  """head_dim 96 is not a power of two, 16-token int8 pages are not whole int8 tiles: "auto"
+  lowers the reference for that platform, the explicit backend refuses."""
   args = _shapes(jnp.bfloat16, head_dim=96)
   assert "custom_call" not in export_text(_fn("auto"), args, "cuda")
+  assert "tpu_custom_call" in export_text(_fn("auto"), args, "tpu")
   with pytest.raises(ValueError, match="head_dim=96"):
     export_text(_fn("gpu"), args, "cuda")
+  args = _shapes(jnp.int8, page_size=16)
+  assert "custom_call" not in export_text(_fn("auto"), args, "tpu")
+  assert TRITON_CALL in export_text(_fn("auto"), args, "cuda")
+  with pytest.raises(ValueError, match="page_size=16"):
+    export_text(_fn("tpu"), args, "tpu")
 
 
 @pytest.mark.skipif(not has_libtpu(), reason="needs the libtpu wheel (jax[tpu])")

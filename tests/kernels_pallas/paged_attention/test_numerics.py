@@ -103,6 +103,7 @@ class TestTpuInterpret(KernelBase):
 
 class TestGpuInterpret(KernelBase):
   IMPLEMENTATION = "gpu"
+  RUNS = ALL_F32 + BF16[1:]
 
   def blocks(self, case):
     return case.gpu_blocks

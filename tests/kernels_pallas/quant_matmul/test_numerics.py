@@ -98,7 +98,8 @@ class TestGpuInterpret(NumericsBase):
 
   IMPLEMENTATION = "gpu"
   INTERPRET = True
-  RUNS = ALL_F32 + BF16[1:]
+  # Padding is the only difference between the remaining cases on GPU: keep one per kind.
+  RUNS = [r for r in ALL_F32 if r[0] not in ("int4_g64_decode_defaults", "w8a8_int32")] + BF16[1:]
 
   def blocks(self, case):
     return case.gpu_blocks
