@@ -69,6 +69,10 @@ class Attention(nnx.Module):
     rngs: Random streams.
   """
 
+  # "int8": `init_cache` stores keys/values as int8 with one float32 scale per token and kv head
+  # (set on a model by compress's kv_int8 method); None: the compute dtype.
+  kv_cache_quant: str | None = None
+
   def __init__(
     self,
     d_model: int,
@@ -121,6 +125,9 @@ class Attention(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
     """An empty KV cache, {"k", "v"}: [batch, max_len, kv_heads, head_dim]."""
     shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+    if self.kv_cache_quant == "int8":  # Plus "k_scale"/"v_scale": [batch, max_len, kv_heads].
+      codes, scales = jnp.zeros(shape, jnp.int8), jnp.ones(shape[:3], jnp.float32)
+      return {"k": codes, "v": codes, "k_scale": scales, "v_scale": scales}
     dtype = dtype or self.dtype
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
@@ -180,18 +187,36 @@ class Attention(nnx.Module):
     if segment_ids_bt is not None:
       raise ValueError("segment_ids are not supported together with a KV cache")
     index = jnp.asarray(cache_index, jnp.int32)
-    k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
-    v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+    if "k_scale" in cache:  # int8 cache: write codes and scales, attend over the dequantized values
+      new_cache = {}
+      for name, x in (("k", k), ("v", v)):
+        codes, scales = quantize_kv(x)
+        new_cache[name] = jax.lax.dynamic_update_slice(cache[name], codes, (0, index, 0, 0))
+        new_cache[f"{name}_scale"] = jax.lax.dynamic_update_slice(
+          cache[f"{name}_scale"], scales, (0, index, 0)
+        )
+      k_all, v_all = (new_cache[n] * new_cache[f"{n}_scale"][..., None] for n in ("k", "v"))
+    else:
+      k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+      new_cache = {"k": k_all, "v": v_all}
     s = k_all.shape[1]
     kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     q_pos = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
     info = MaskInfo(q_pos, kv_pos, kv_pos < index + t, None, None, self.causal)
     out = self.attend(q, k_all.astype(self.dtype), v_all.astype(self.dtype), info)
-    return out, {"k": k_all, "v": v_all}
+    return out, new_cache
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo) -> jax.Array:
     """The attention core; variants override this. Shapes as in `reference_attention`."""
     raise NotImplementedError
+
+
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Keys or values [b, t, kv_heads, d] -> int8 codes and float32 scales max|x| / 127, [b, t, g]."""
+  amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
+  scales = jnp.where(amax > 0, amax / 127.0, 1.0)
+  return jnp.clip(jnp.round(x / scales[..., None]), -127, 127).astype(jnp.int8), scales
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

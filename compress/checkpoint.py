@@ -1,0 +1,100 @@
+"""Compressed checkpoints: the compressed model's state plus a manifest to rebuild its structure.
+
+Layout under the output directory (the `training.checkpoint.Checkpointer` layout):
+  checkpoints/<step>/state   every variable of the compressed model (Orbax; int8 codes stay int8)
+  checkpoints/<step>/meta    JSON: the model config, the tokenizer, and under "compress" the
+                             manifest, the rules and where the model came from
+
+Manifest entries, applied in order to a freshly built (abstract) model of the same config:
+  {"path": [...], "module": CompressedLinear.spec()}   install that compressed projection
+  {"path": [...], "attribute": name, "value": v}       set a static attribute (e.g. kv_cache_quant)
+Weights changed in place (pruning) need no entry: the state carries them.
+"""
+
+import importlib
+import os
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from compress.layers import CompressedLinear
+from compress.targets import get_module, set_module
+from models import ModelConfig, build_model
+from training.checkpoint import Checkpointer
+
+
+def _class(name: str) -> type:
+  module_name, _, qualname = name.rpartition(".")
+  try:
+    cls = getattr(importlib.import_module(module_name), qualname)
+  except (ImportError, AttributeError):
+    raise ValueError(f"compressed checkpoint names an unknown layer class {name!r}") from None
+  if not (isinstance(cls, type) and issubclass(cls, CompressedLinear)):
+    raise ValueError(f"compressed checkpoint names {name!r}, which is not a CompressedLinear")
+  return cls
+
+
+def build_from_spec(spec: dict[str, Any], bias) -> CompressedLinear:
+  """A compressed projection with zero arrays of the spec's shapes (to restore into)."""
+  arrays = {
+    name: jnp.zeros(a["shape"], jnp.dtype(a["dtype"])) for name, a in spec["arrays"].items()
+  }
+  return _class(spec["class"])(
+    arrays,
+    in_shape=spec["in_shape"],
+    out_shape=spec["out_shape"],
+    in_axis=spec["in_axis"],
+    out_axis=spec["out_axis"],
+    lead=tuple(spec["lead"]),
+    dtype=jnp.dtype(spec["dtype"]),
+    bias=bias,
+    **spec["static"],
+  )
+
+
+def apply_manifest(model: nnx.Module, manifest: list[dict[str, Any]]) -> nnx.Module:
+  """Rebuilds the compressed structure on a model of the original config (in place)."""
+  for entry in manifest:
+    path = tuple(entry["path"])
+    if "module" in entry:
+      bias = getattr(get_module(model, path), "bias", None)
+      set_module(model, path, build_from_spec(entry["module"], bias))
+    else:
+      setattr(get_module(model, path), entry["attribute"], entry["value"])
+  return model
+
+
+def save_compressed(out_dir: str, model: nnx.Module, meta: dict[str, Any], *, step: int) -> str:
+  """Writes `model`'s whole state and `meta` (which must hold "model" and "compress")."""
+  if "model" not in meta or "manifest" not in meta.get("compress", {}):
+    raise ValueError("compressed checkpoint meta needs 'model' and 'compress.manifest'")
+  ckpt = Checkpointer(out_dir, keep=1, keep_best=False, async_save=False)
+  ckpt.save(step, nnx.to_pure_dict(nnx.state(model)), meta)
+  ckpt.wait()
+  ckpt.close()
+  return os.path.join(os.path.abspath(out_dir), "checkpoints", str(step))
+
+
+def load_compressed(out_dir: str) -> tuple[nnx.Module, dict[str, Any]]:
+  """Rebuilds and restores a compressed model written by `save_compressed`.
+
+  Returns:
+    (model, meta).
+
+  Raises:
+    ValueError: No compressed checkpoint in `out_dir`, or unreadable files.
+  """
+  ckpt = Checkpointer(out_dir, keep=1, keep_best=False, async_save=False)
+  try:
+    meta = ckpt.read_meta()
+    if "compress" not in meta:
+      raise ValueError(f"{out_dir} holds a checkpoint without a compression manifest")
+    cfg = ModelConfig.from_config_dict(meta["model"])
+    manifest = meta["compress"]["manifest"]
+    abstract = nnx.eval_shape(lambda: apply_manifest(build_model(cfg), manifest))
+    graphdef, state = nnx.split(abstract)
+    restored, meta, _ = ckpt.restore(nnx.to_pure_dict(state))
+  finally:
+    ckpt.close()
+  return nnx.merge(graphdef, restored), meta

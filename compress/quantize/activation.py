@@ -1,0 +1,84 @@
+"""Methods that also quantize activations: SmoothQuant W8A8 and LLM.int8 outlier decomposition.
+
+SmoothQuant (Xiao et al., 2023): activations have a few channels with large magnitudes, which
+per-token int8 handles badly, while weights are easy to quantize. Per input channel j,
+
+  s_j = max|X_j|^α / max|W_j|^(1 − α)      (α: migration strength, 0.5 by default)
+
+moves difficulty from X to W exactly (X diag(1/s) · diag(s) W = XW); then both are int8: weights
+per output channel (static), activations per token (dynamic, at run time), product in int32.
+
+LLM.int8 (Dettmers et al., 2022): the input features whose calibration magnitude exceeds
+`threshold` (emergent outlier features, systematic per dimension) stay in float with their weight
+rows; every other feature goes through int8 x int8 with per-token / per-channel scales.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from compress.quantize import formats
+from compress.quantize.layers import OutlierInt8Linear, W8A8Linear
+from compress.registry import BOOL, Replacement, integer, number, one_of, register
+
+
+def smoothing_scales(x_mk: jax.Array, w_kn: jax.Array, alpha: float) -> jax.Array:
+  """s [K] = max|X_j|^α / max|W_j|^(1−α); 1 where a channel is all zero."""
+  ax = jnp.max(jnp.abs(x_mk.astype(jnp.float32)), axis=0)
+  aw = jnp.max(jnp.abs(w_kn.astype(jnp.float32)), axis=1)
+  ok = (ax > 0) & (aw > 0)
+  s = jnp.where(ok, ax**alpha / jnp.where(ok, aw, 1.0) ** (1.0 - alpha), 1.0)
+  return jnp.clip(s, 1e-5, 1e5)
+
+
+@register(
+  "smoothquant",
+  stage="quantize",
+  defaults={"alpha": 0.5, "smooth": True},
+  checks={"alpha": number(0.0, 1.0), "smooth": BOOL},
+  needs_calibration=True,
+)
+def _smoothquant(w_kn, x_mk, settings):
+  """W8A8: smoothed int8 weights, int8 per-token activations, int32 accumulation."""
+  w = w_kn.astype(jnp.float32)
+  arrays = {}
+  if settings["smooth"]:
+    s = smoothing_scales(x_mk, w, settings["alpha"])
+    w = w * s[:, None]
+    arrays["input_scale"] = 1.0 / s
+  w_q, w_scale = formats.quantize_int8(w)
+  return Replacement(W8A8Linear, {"w_q": w_q, "w_scale": w_scale, **arrays}, {})
+
+
+def outlier_features(x_mk: jax.Array, threshold: float, slots: int) -> jax.Array:
+  """Up to `slots` input features with max |x| > threshold (largest first), sorted; K = unused."""
+  k = x_mk.shape[1]
+  amax = jnp.max(jnp.abs(x_mk.astype(jnp.float32)), axis=0)
+  values, idx = jax.lax.top_k(amax, min(slots, k))
+  return jnp.sort(jnp.where(values > threshold, idx, k).astype(jnp.int32))
+
+
+@register(
+  "llm_int8",
+  stage="quantize",
+  defaults={"threshold": 6.0, "max_outliers": 16, "outlier_dtype": "bfloat16"},
+  checks={
+    "threshold": number(0.0, 1e9, lo_open=True),
+    "max_outliers": integer(1),
+    "outlier_dtype": one_of("bfloat16", "float32"),
+  },
+  needs_calibration=True,
+)
+def _llm_int8(w_kn, x_mk, settings):
+  """Outlier features (from calibration) in float, the rest int8 x int8."""
+  w = w_kn.astype(jnp.float32)
+  idx = outlier_features(x_mk, settings["threshold"], settings["max_outliers"])
+  w_out = jnp.take(w, idx, axis=0, mode="fill", fill_value=0)  # [slots, N]
+  w_in = w.at[idx].set(0.0, mode="drop")
+  w_q, w_scale = formats.quantize_int8(w_in)
+  arrays = {
+    "w_q": w_q,
+    "w_scale": w_scale,
+    "outlier_idx": idx,
+    "outlier_w": w_out.astype(settings["outlier_dtype"]),
+  }
+  return Replacement(OutlierInt8Linear, arrays, {})

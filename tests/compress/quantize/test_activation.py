@@ -1,0 +1,91 @@
+"""AWQ, SmoothQuant W8A8 and LLM.int8 against their definitions and against plain RTN."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compress.quantize import formats, matmul, rtn
+from compress.quantize.layers import W8A8Linear
+from compress.registry import METHODS
+
+
+def outlier_inputs(m=256, k=64, seed=0, scale=30.0, channels=(5, 17, 40)):
+  """Activations with a few large, systematic channels (as in LLMs)."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(m, k))
+  x[:, list(channels)] *= scale
+  return jnp.asarray(x, jnp.float32)
+
+
+def rel_out_error(x, w, y):
+  return float(jnp.linalg.norm(y - x @ w) / jnp.linalg.norm(x @ w))
+
+
+def run(method, w, x, **settings):
+  m = METHODS[method]
+  r = m.fn(w, x, m.settings(settings, "t"))
+  layer = r.cls(r.arrays, in_shape=(w.shape[0],), out_shape=(w.shape[1],), **r.static)
+  return layer, r
+
+
+def test_awq_beats_rtn_with_outlier_channels():
+  x = outlier_inputs()
+  w = jax.random.normal(jax.random.key(1), (64, 32))
+  layer, r = run("awq", w, x, bits=4, group_size=32)
+  assert "input_scale" in r.arrays  # 1/s kept in the layer
+  awq_err = rel_out_error(x, w, layer.matmul(x))
+  rtn_err = rel_out_error(x, w, x @ rtn.quantize_dequantize(w, 4, 32))
+  assert awq_err < 0.8 * rtn_err
+  # The scaled weights are exactly what is quantized: the effective weight is diag(1/s) Q(diag(s)W).
+  np.testing.assert_allclose(layer.matmul(x), x @ layer.dense_weight(), rtol=1e-4, atol=1e-4)
+
+
+def test_int8_int8_matmul_is_exact_on_integers():
+  rng = np.random.default_rng(2)
+  x = rng.integers(-127, 128, size=(9, 300)).astype(np.int8)
+  w = rng.integers(-127, 128, size=(300, 11)).astype(np.int8)
+  acc = matmul.int8_int8_matmul(jnp.asarray(x), jnp.asarray(w))
+  assert acc.dtype == jnp.int32
+  np.testing.assert_array_equal(acc, x.astype(np.int64) @ w.astype(np.int64))
+
+
+def test_w8a8_layer_equals_float_on_integer_grid():
+  """Integer x and W whose rows / columns reach ±127 have scales of exactly 1: no rounding."""
+  rng = np.random.default_rng(3)
+  x = rng.integers(-127, 128, size=(6, 48)).astype(np.float32)
+  w = rng.integers(-127, 128, size=(48, 10)).astype(np.float32)
+  x[:, 0], w[0] = 127.0, -127.0
+  layer, r = run("smoothquant", jnp.asarray(w), jnp.asarray(x), smooth=False)
+  assert isinstance(layer, W8A8Linear) and r.arrays["w_q"].dtype == jnp.int8
+  np.testing.assert_array_equal(layer.matmul(jnp.asarray(x)), x @ w)
+
+
+def test_smoothing_reduces_w8a8_error_and_keeps_the_function():
+  x = outlier_inputs(scale=50.0)
+  w = jax.random.normal(jax.random.key(4), (64, 32))
+  plain, _ = run("smoothquant", w, x, smooth=False)
+  smooth, r = run("smoothquant", w, x, alpha=0.5)
+  assert rel_out_error(x, w, smooth.matmul(x)) < 0.5 * rel_out_error(x, w, plain.matmul(x))
+  # Migration is exact in float: (x / s) (diag(s) W) = x W.
+  s = 1.0 / r.arrays["input_scale"]
+  np.testing.assert_allclose((x / s) @ (w * s[:, None]), x @ w, rtol=1e-4, atol=1e-3)
+
+
+def test_llm_int8_outlier_columns_are_exact_in_float():
+  x = outlier_inputs(scale=20.0)
+  w = jax.random.normal(jax.random.key(5), (64, 32))
+  layer, r = run("llm_int8", w, x, threshold=6.0, max_outliers=8, outlier_dtype="float32")
+  idx = np.asarray(r.arrays["outlier_idx"])
+  assert sorted(idx[idx < 64].tolist()) == [5, 17, 40] and (idx[idx >= 64] == 64).all()
+  # Inputs living only in the outlier features go entirely through the float path.
+  only = jnp.zeros_like(x).at[:, idx[idx < 64]].set(x[:, idx[idx < 64]])
+  np.testing.assert_allclose(layer.matmul(only), only @ w, rtol=1e-5, atol=1e-4)
+  # The rest is int8 x int8: the whole product is close, and closer than W8A8 without them.
+  w8a8, _ = run("smoothquant", w, x, smooth=False)
+  err = rel_out_error(x, w, layer.matmul(x))
+  assert err < 0.02 and err < 0.5 * rel_out_error(x, w, w8a8.matmul(x))
+  # The int8 part by definition: per-token int8 of the inlier features times the int8 weights.
+  inl = x.at[:, idx[idx < 64]].set(0.0)
+  xq, xs = formats.quantize_rows_int8(inl)
+  ref = (xq.astype(jnp.float32) * xs[:, None]) @ (r.arrays["w_q"] * r.arrays["w_scale"])
+  np.testing.assert_allclose(layer.matmul(x), ref + only @ w, rtol=1e-4, atol=1e-3)
