@@ -8,6 +8,9 @@ to initialise a TPU that is not there.
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Ahead-of-time TPU compiles load libtpu, which otherwise takes a machine-wide lock: parallel test
+# workers (and other processes) compiling at the same time would fail with "ABORTED ... lockfile".
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
