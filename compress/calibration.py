@@ -80,24 +80,24 @@ def calibration_tokens(
   return np.concatenate(rows)[:num_sequences].astype(np.int32)
 
 
+# Target name -> inputs recorded so far (one array per call), while a capture runs.
+_CAPTURED: dict[str, list[np.ndarray]] = {}
+
+
+def _record(key: str, x) -> None:
+  _CAPTURED[key].append(np.asarray(x, np.float32))
+
+
 class _Recorder(nnx.Module):
   """Calls `inner` after sending its input to the host under `key`."""
 
-  def __init__(self, inner: nnx.Module, key: str, store: dict):
+  def __init__(self, inner: nnx.Module, key: str):
     self.inner = inner
     self.key = key
-    _STORES[key] = store
 
   def __call__(self, x):
     io_callback(functools.partial(_record, self.key), None, x, ordered=True)
     return self.inner(x)
-
-
-_STORES: dict[str, dict] = {}
-
-
-def _record(key, x):
-  _STORES[key].setdefault(key, []).append(np.asarray(x, np.float32))
 
 
 def capture_inputs(
@@ -121,9 +121,9 @@ def capture_inputs(
     Target name -> float32 [slices, tokens, K] (slices = stacked layers, 1 if not stacked).
   """
   targets = [t for t in targets if t.kind == "linear"]
-  store: dict[str, list] = {}
   for t in targets:
-    set_module(model, t.path, _Recorder(t.module, t.name, store))
+    _CAPTURED[t.name] = []
+    set_module(model, t.path, _Recorder(t.module, t.name))
   try:
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda s, tok: nnx.merge(graphdef, s)(tok).logits)
@@ -135,10 +135,10 @@ def capture_inputs(
   finally:
     for t in targets:
       set_module(model, t.path, t.module)
-      _STORES.pop(t.name, None)
+    store = {t.name: _CAPTURED.pop(t.name) for t in targets}
   out = {}
   for t in targets:
-    calls = store.get(t.name, [])
+    calls = store[t.name]
     slices = t.num_slices
     if len(calls) != slices * len(batches):
       raise RuntimeError(

@@ -35,7 +35,7 @@ from flax import nnx
 
 from compress import registry
 from compress.registry import Dense, Method, Replacement
-from compress.targets import Target, find_targets, get_module, set_module
+from compress.targets import Target, find_targets, set_module, target_at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,8 +226,8 @@ def apply_plan(
           f"{rule.where}: {replaced[target.name]} already replaced {target.name}, so "
           f"{rule.method.name} (stage {stage}) cannot follow it; reorder compress.order or the rules"
         )
-      # Re-read the module: a previous stage may have changed its weights.
-      target = dataclasses.replace(target, module=get_module(model, target.path))
+      # Re-read the module: a previous stage may have changed its weights (or shapes).
+      target = target_at(model, target.path)
       w = target.weights()  # [slices, K, N]
       originals.setdefault(target.name, w)
       x = calibration.get(target.name)

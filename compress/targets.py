@@ -131,6 +131,14 @@ def _projection(root, path, module) -> Target:
   )
 
 
+def target_at(model: nnx.Module, path) -> Target:
+  """The projection at `path` as it is now (a previous stage may have changed it)."""
+  node = get_module(model, path)
+  if not isinstance(node, Linear | ProjectOut):
+    raise ValueError(f"{path_name(path)} is no longer a float projection ({type(node).__name__})")
+  return _projection(model, path, node)
+
+
 def find_targets(model: nnx.Module) -> list[Target]:
   """Every float projection (`Linear`, `ProjectOut`) and attention mixer, in graph order.
 

@@ -10,6 +10,10 @@
 SmoothQuant its smoothing 1/s, since the layer that produces x (a norm, another projection) is not
 known in general; folding it into that layer's weights would save the [K] multiply.
 
+The int8 / int4 / int8 x int8 products run through `kernels_pallas.quant_matmul` (Pallas on
+TPU / GPU, its jnp reference on CPU; see `compress.quantize.matmul`); NF4 is dequantized and
+multiplied in float32.
+
 Axes: w [K, N] as ("in", "out") of the replaced kernel; scales ("out",) or (None, "out").
 """
 
@@ -20,9 +24,10 @@ from compress.quantize import formats, matmul
 
 
 def _scaled(layer, x_mk):
+  """x * input_scale (if the layer has one), in a dtype the kernels take (float32 / bfloat16)."""
   if "input_scale" in layer.array_names:
     return x_mk.astype(jnp.float32) * layer.input_scale[...]
-  return x_mk
+  return x_mk if x_mk.dtype in (jnp.float32, jnp.bfloat16) else x_mk.astype(jnp.float32)
 
 
 def _unscale(arrays, w_kn):
