@@ -102,8 +102,11 @@ def fused_linear(x: jax.Array, layers: Sequence[Linear]) -> list[jax.Array]:
 
   Same result as `[layer(x) for layer in layers]`; one [tokens, sum(out)] product keeps the
   hardware busier than several narrow ones (e.g. q/k/v, or SwiGLU's gate and up). Parameters stay
-  separate, each with its own logical axes.
+  separate, each with its own logical axes. Layers that are not plain `Linear`s (e.g. compressed
+  replacements with their own low-bit matmul) are applied one by one.
   """
+  if any(type(layer) is not Linear for layer in layers):
+    return [layer(x) for layer in layers]
   first = layers[0]
   if any(layer.bias is not None or layer.in_features != first.in_features for layer in layers):
     raise ValueError("fused_linear needs bias-free layers with the same input width")
