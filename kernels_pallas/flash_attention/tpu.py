@@ -293,6 +293,14 @@ def _visible_pairs(cfg: FlashConfig, bq: int, bk: int, nq: int, nk: int) -> int:
   return sum(min(nk, (i * bq + bq - 1) // bk + 1) for i in range(nq))
 
 
+def _q_tile_fetches(cfg: FlashConfig, bq: int, bk: int, nq: int, nk: int) -> int:
+  """Query tiles the dk/dv kernel fetches per head block, summed over kv tiles: a causal kv tile j
+  starts at the first query tile that sees it (earlier steps re-address that tile, so no DMA)."""
+  if not cfg.causal:
+    return nq * nk
+  return sum(max(1, nq - min(nq, j * bk // bq)) for j in range(nk))
+
+
 def _cost(cfg, bq, bk, nq, nk, matmuls: int, nbytes: int) -> pl.CostEstimate:
   """Analytic cost: `matmuls` (bq, bk, d) products and one exp per score of every computed tile."""
   scores = cfg.batch * cfg.num_heads * _visible_pairs(cfg, bq, bk, nq, nk) * bq * bk
@@ -357,6 +365,9 @@ def forward(cfg: FlashConfig, q, k, v, q_seg, kv_seg):
   item = q.dtype.itemsize
   vmem = 2 * (2 * bg * bq * d * item + 2 * bk * d * item + bg * bq * LANES * 4)
   vmem += bg * bq * (2 * LANES + d) * 4 + 3 * bq * bk * 4
+  # A kv tile is fetched once per computed (q tile, kv tile) pair and head block: a skipped causal
+  # step re-addresses the resident tile, so it costs no DMA.
+  kv_bytes = nh * _visible_pairs(cfg, bq, bk, nq, nk) * (_nbytes(k_t, v_t) // nk)
   out_t, lse_t = pl.pallas_call(
     functools.partial(_fwd_kernel, tile=tile, num_kv_tiles=nk),
     out_shape=out_shape,
@@ -369,9 +380,7 @@ def forward(cfg: FlashConfig, q, k, v, q_seg, kv_seg):
       pltpu.VMEM((bg, bq, d), _F32),  # Output accumulator.
     ],
     compiler_params=_params(("parallel",) * 4 + ("arbitrary",), vmem),
-    cost_estimate=_cost(
-      cfg, bq, bk, nq, nk, 2, 2 * _nbytes(q_t) + nq * nh * _nbytes(k_t, v_t) + q_t.size // d * 512
-    ),
+    cost_estimate=_cost(cfg, bq, bk, nq, nk, 2, 2 * _nbytes(q_t) + kv_bytes + q_t.size // d * 512),
     interpret=_interpret(cfg),
     name="flash_attention_fwd",
   )(*operands)
@@ -413,6 +422,7 @@ def backward(cfg: FlashConfig, q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse):
     pl.BlockSpec((None, 1, bk), lambda b_, h, hb, i, j: (b_, 0, kv_tile(i, j))),
   ]
   ins = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec]
+  kv_bytes = nh * _visible_pairs(cfg, bq, bk, nq, nk) * (_nbytes(k_t, v_t) // nk)  # As forward.
   dq_t = pl.pallas_call(
     functools.partial(_dq_kernel, tile=tile, num_kv_tiles=nk),
     out_shape=jax.ShapeDtypeStruct(q_t.shape, q.dtype),
@@ -421,9 +431,7 @@ def backward(cfg: FlashConfig, q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse):
     out_specs=q_spec,
     scratch_shapes=[pltpu.VMEM((bg, bq, d), _F32)],
     compiler_params=_params(("parallel",) * 4 + ("arbitrary",), vmem + bg * bq * d * 4),
-    cost_estimate=_cost(
-      cfg, bq, bk, nq, nk, 3, 3 * _nbytes(q_t) + nq * nh * _nbytes(k_t, v_t) + 2 * _nbytes(di_t)
-    ),
+    cost_estimate=_cost(cfg, bq, bk, nq, nk, 3, 3 * _nbytes(q_t) + kv_bytes + 2 * _nbytes(di_t)),
     interpret=_interpret(cfg),
     name="flash_attention_dq",
   )(q_t, k_t, v_t, do_t, lse_t, di_t, *seg_ops)
@@ -446,6 +454,7 @@ def backward(cfg: FlashConfig, q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse):
     pl.BlockSpec((None, 1, bk), lambda b_, h, j, hb, i: (b_, 0, j)),
   ]
   ins = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec]
+  q_bytes = _q_tile_fetches(cfg, bq, bk, nq, nk) * (_nbytes(q_t, do_t, lse_t, di_t) // nq)
   dk_t, dv_t = pl.pallas_call(
     functools.partial(_dkv_kernel, tile=tile, num_q_tiles=nq, num_kv_tiles=nk, num_head_blocks=nh),
     out_shape=[jax.ShapeDtypeStruct(k_t.shape, k.dtype)] * 2,
@@ -454,9 +463,7 @@ def backward(cfg: FlashConfig, q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse):
     out_specs=[kv_spec, kv_spec],
     scratch_shapes=[pltpu.VMEM((bk, d), _F32), pltpu.VMEM((bk, d), _F32)],
     compiler_params=_params(("parallel",) * 3 + ("arbitrary",) * 2, vmem + 4 * bk * d * 4),
-    cost_estimate=_cost(
-      cfg, bq, bk, nq, nk, 4, 2 * _nbytes(k_t, v_t) + nk * _nbytes(q_t, do_t, lse_t, di_t)
-    ),
+    cost_estimate=_cost(cfg, bq, bk, nq, nk, 4, 2 * _nbytes(k_t, v_t) + q_bytes),
     interpret=_interpret(cfg),
     name="flash_attention_dkv",
   )(q_t, k_t, v_t, do_t, lse_t, di_t, *seg_ops)

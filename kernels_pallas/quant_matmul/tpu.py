@@ -156,7 +156,10 @@ def matmul(cfg: QuantConfig, x, w, scales, x_scale=None):
   cost = pl.CostEstimate(
     flops=2 * t.m * t.n * t.k,
     transcendentals=0,
-    bytes_accessed=int(x_bytes * grid[1] + w_bytes * grid[0] + t.m * t.n * out_dtype.itemsize),
+    # x is fetched again for every N tile unless there is a single K tile (its block then stays).
+    bytes_accessed=int(
+      x_bytes * (grid[1] if grid[2] > 1 else 1) + w_bytes * grid[0] + t.m * t.n * out_dtype.itemsize
+    ),
   )
   out = pl.pallas_call(
     functools.partial(
@@ -252,7 +255,7 @@ def matmul_dx(cfg: QuantConfig, g, w, scales):
     flops=2 * t.m * t.n * t.k,
     transcendentals=0,
     bytes_accessed=int(
-      _nbytes(operands[0]) * grid[1]
+      _nbytes(operands[0]) * (grid[1] if grid[2] > 1 else 1)
       + _nbytes(*operands[1:]) * grid[0]
       + t.m * t.k * x_dtype.itemsize
     ),

@@ -87,6 +87,15 @@ def visits(group_sizes, *, m: int, block_m: int, num_tiles: int, tail: bool):
   return jnp.stack([g, tile, lo, hi]).astype(jnp.int32), total.reshape(1).astype(jnp.int32)
 
 
+def max_visits(cfg: RaggedConfig, num_tiles: int) -> int:
+  """Visits that compute, at most: each group boundary inside a tile adds one visit to the tiles.
+
+  The cost estimates use this bound, which is reached whenever no boundary falls on a tile edge
+  (the usual case with learned routing); a visit runs a whole (block_m x K x N) tile product.
+  """
+  return num_tiles + min(cfg.groups, cfg.m) - 1
+
+
 def _row_mask(tile, lo, hi, shape):
   rows = tile * shape[0] + lax.broadcasted_iota(jnp.int32, shape, 0)
   return (rows >= lo) & (rows < hi)
@@ -150,10 +159,17 @@ def gmm(cfg: RaggedConfig, lhs, rhs, group_sizes, *, transpose_rhs: bool = False
   grid = (p // bp, nv, q // bq)
   item = x.dtype.itemsize
   vmem = 2 * (bm * bq + bq * bp + bm * bp) * item + bm * bp * 4
+  # K is the innermost grid axis, so each visit fetches its K strip of lhs and of its group's rhs
+  # again (with a single K tile consecutive visits keep the lhs tile or the rhs block resident).
+  nvis = max_visits(cfg, num_tiles)
+  if grid[2] > 1:
+    x_bytes, w_bytes = nvis * bm * q * item * grid[0], nvis * q * p * item
+  else:
+    x_bytes, w_bytes = x.size * item * grid[0], min(groups, nvis) * q * p * item
   cost = pl.CostEstimate(
-    flops=2 * cfg.m * q * p,
+    flops=2 * nvis * bm * q * p,
     transcendentals=0,
-    bytes_accessed=int(x.size * item * grid[0] + w.size * item + t.m * p * item),
+    bytes_accessed=int(x_bytes + w_bytes + t.m * p * item),
   )
   out = pl.pallas_call(
     functools.partial(_gmm_kernel, groups=groups, nk=grid[2], transpose_rhs=transpose_rhs),
@@ -209,7 +225,7 @@ def tgmm(cfg: RaggedConfig, lhs, d_out, group_sizes):
   item = x.dtype.itemsize
   vmem = 2 * (bm * bk + bm * bn + bk * bn) * item + bk * bn * 4
   cost = pl.CostEstimate(
-    flops=2 * cfg.m * cfg.k * cfg.n,
+    flops=2 * max_visits(cfg, num_tiles) * bm * t.k * t.n,  # Whole tiles, rows masked.
     transcendentals=0,
     bytes_accessed=int(
       x.size * item * grid[1] + d.size * item * grid[0] + cfg.groups * t.k * t.n * item
