@@ -9,7 +9,7 @@ Methods register by name in `compress.registry` (quantization in `compress.quant
 family (pruning, low-rank, distillation) registers its own and is imported here.
 """
 
-from compress import prune, quantize  # noqa: F401  (register the methods)
+from compress import lowrank, prune, quantize  # noqa: F401  (register the methods)
 from compress.calibration import calibration_tokens, capture_inputs
 from compress.checkpoint import load_compressed, save_compressed
 from compress.intercept import unfused_projections
