@@ -1,0 +1,67 @@
+"""Pruning and low-rank factoring of a trained run, one variant per method.
+
+  python -m experiments.compress --config=experiments/configs/compress/prune.py:<variant> \
+      --workdir=/tmp/shakespeare_char --out=/tmp/shakespeare_char_<variant>
+
+(--workdir: a run trained by `experiments.train`, e.g. experiments/configs/shakespeare_char.py.)
+
+Variants (every projection but the output head; embeddings are never selected):
+  magnitude50         50% unstructured, smallest |w| per layer
+  wanda50             (default) 50% Wanda, |W|·‖X‖₂ per output
+  sparsegpt50         50% SparseGPT (OBS updates, blocks of 128)
+  wanda_2_4           2:4 Wanda
+  sparsegpt_2_4_int8  2:4 SparseGPT, then int8 round-to-nearest (prune -> quantize)
+  svd_energy90        truncated SVD keeping 90% of each layer's spectral energy
+  smoke               wanda50 on 4 calibration sequences and 2 eval batches (seconds, for tests)
+"""
+
+import ml_collections
+
+from compress.pipeline import get_default_config
+
+VARIANTS = (
+  "magnitude50",
+  "wanda50",
+  "sparsegpt50",
+  "wanda_2_4",
+  "sparsegpt_2_4_int8",
+  "svd_energy90",
+  "smoke",
+)
+HEAD = r"lm_head"
+ALL = r".*"
+
+
+def _rules(variant: str) -> list[dict]:
+  one = {
+    "magnitude50": ("magnitude", {"sparsity": 0.5}),
+    "wanda50": ("wanda", {"sparsity": 0.5}),
+    "smoke": ("wanda", {"sparsity": 0.5}),
+    "sparsegpt50": ("sparsegpt", {"sparsity": 0.5}),
+    "wanda_2_4": ("wanda", {"n_m": "2:4"}),
+    "sparsegpt_2_4_int8": ("sparsegpt", {"n_m": "2:4"}),
+    "svd_energy90": ("svd", {"energy": 0.9}),
+  }
+  method, settings = one[variant]
+  rules = [
+    {"path": HEAD, "method": "none"},
+    {"path": ALL, "method": method, "settings": settings},
+  ]
+  if variant == "sparsegpt_2_4_int8":
+    rules.append({"path": ALL, "method": "int8"})
+  return rules
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "wanda50"
+  if variant not in VARIANTS:
+    raise ValueError(
+      f"compress/prune variant {variant!r} is not known; choose one of: {', '.join(VARIANTS)}"
+    )
+  cfg = get_default_config()
+  cfg.name = f"prune_{variant}"
+  cfg.rules = _rules(variant)
+  if variant == "smoke":
+    cfg.calibration.update(num_sequences=4, batch_size=4, max_tokens=256)
+    cfg.eval_batches = 2
+  return cfg
