@@ -25,52 +25,24 @@ last 2 projections) and the input z_{n-1} of every long convolution at every pas
 The filters are defined on max_seq_len positions: a longer input (or cache) raises a ValueError.
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from models.attention.base import mixer_options
 from models.linear import Linear
-from models.registry import MIXERS
+from models.longconv import (
+  SHORT_CONV,
+  LongConvMixer,
+  ShortConv,
+  decay_window,
+  direct_causal_conv,
+  kernel_layout,
+)
+from models.registry import MIXERS, check_int, check_option, is_int, is_number, layer_kwargs
 from models.sharding import param
 
 DEFAULTS = {"order": 2, "filter_hidden": 64, "emb_dim": 17, "filter_freq": 1.0}
-SHORT_CONV = 3  # Width of the short depthwise convolution on the projected streams.
-DECAY_TARGET = 1e-2  # The window value channel c reaches at t = reach_c · L ...
-DECAY_REACH = (0.3, 1.5)  # ... with reach_c spaced linearly over the channels.
-
-
-def is_int(value, low: int) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def check_option(mixer: str, name: str, value, ok: bool, allowed: str) -> None:
-  """Raises a one-line ValueError naming the setting unless `ok`."""
-  if not ok:
-    raise ValueError(f"model.mixer_options.{name}={value!r} is not allowed for {mixer}: {allowed}")
-
-
-def check_length(mixer: str, length: int, max_len: int, what: str = "sequence length") -> None:
-  """Filters exist for max_seq_len positions only; longer inputs raise a one-line ValueError."""
-  if length > max_len:
-    raise ValueError(
-      f"{mixer}: {what} {length} exceeds model.max_seq_len={max_len}, the number of positions its "
-      "long filters are defined for; raise model.max_seq_len"
-    )
-
-
-def decay_rates(channels: int) -> jax.Array:
-  """α_c [channels]: window exp(-α_c t/L) equals DECAY_TARGET at t = reach_c · L."""
-  reach = jnp.linspace(*DECAY_REACH, channels, dtype=jnp.float32)
-  return -math.log(DECAY_TARGET) / reach
-
-
-def decay_window(length: int, max_len: int, channels: int) -> jax.Array:
-  """exp(-α_c t / max_len) for t < length, [length, channels] float32."""
-  t = jnp.arange(length, dtype=jnp.float32)[:, None]
-  return jnp.exp(-decay_rates(channels)[None] * t / max_len)
 
 
 def positional_features(length: int, max_len: int, emb_dim: int) -> jax.Array:
@@ -80,23 +52,6 @@ def positional_features(length: int, max_len: int, emb_dim: int) -> jax.Array:
   f = jnp.linspace(1e-4, bands - 1, bands, dtype=jnp.float32)  # Near 0 up to bands - 1 cycles.
   angle = 2 * jnp.pi * f[None] * t
   return jnp.concatenate([t, jnp.cos(angle), jnp.sin(angle)], axis=-1)
-
-
-def kernel_layout(h_fwd: jax.Array, h_bwd: jax.Array | None, n: int) -> jax.Array:
-  """A circular-convolution kernel [n, D] from per-lag filters, n >= 2t.
-
-  Args:
-    h_fwd: Filter at lags 0..t-1, [t, D].
-    h_bwd: Optional filter at lags 0, -1, .., -(t-1) (entry l is lag -l; entry 0 is unused), [t, D].
-    n: Transform length; lag -l lands at n - l, beyond every causal lag.
-  """
-  t, d = h_fwd.shape
-  parts = [h_fwd, jnp.zeros((n - 2 * t + 1, d), h_fwd.dtype)]
-  if h_bwd is not None:
-    parts.append(h_bwd[1:][::-1])
-  else:
-    parts.append(jnp.zeros((t - 1, d), h_fwd.dtype))
-  return jnp.concatenate(parts, axis=0)
 
 
 def fft_conv(z_btd: jax.Array, h_fwd: jax.Array, h_bwd: jax.Array | None = None) -> jax.Array:
@@ -116,61 +71,6 @@ def fft_conv(z_btd: jax.Array, h_fwd: jax.Array, h_bwd: jax.Array | None = None)
   zf = jnp.fft.rfft(z_btd.astype(jnp.float32), n=n, axis=1)
   kf = jnp.fft.rfft(k, n=n, axis=0)
   return jnp.fft.irfft(zf * kf[None], n=n, axis=1)[:, :t]
-
-
-def direct_causal_conv(z_bsd: jax.Array, h_sd: jax.Array, q_pos_t: jax.Array) -> jax.Array:
-  """y_i = Σ_{s <= q_i} h(q_i - s) z_s over a cache of s slots, for query positions q [t].
-
-  Args:
-    z_bsd: Cached inputs, [b, s, D] (slots after q_i are ignored).
-    h_sd: Filter at lags 0..s-1, [s, D].
-    q_pos_t: Positions of the outputs, int [t].
-
-  Returns:
-    [b, t, D] float32.
-  """
-  s = z_bsd.shape[1]
-  lag = q_pos_t[:, None] - jnp.arange(s, dtype=q_pos_t.dtype)[None, :]  # [t, s]
-  k = jnp.where((lag >= 0)[..., None], h_sd.astype(jnp.float32)[jnp.clip(lag, 0, s - 1)], 0.0)
-  return jnp.einsum("tsd,bsd->btd", k, z_bsd.astype(jnp.float32))
-
-
-class ShortConv(nnx.Module):
-  """Depthwise causal convolution y_t = b + Σ_{j < width} w_j ⊙ u_{t-j} over trailing channels.
-
-  Args:
-    channels: Trailing channel shape, e.g. (streams, d_model).
-    width: Taps per channel.
-    axes: Logical names of the channel axes.
-    dtype: Compute dtype.
-    param_dtype: Storage dtype.
-    rngs: Random streams.
-  """
-
-  def __init__(self, channels, width: int, *, axes, dtype=jnp.float32, param_dtype, rngs):
-    self.width = width
-    self.dtype = dtype
-    shape = (width, *channels)
-    self.weight = param(
-      width**-0.5 * jax.random.normal(rngs.params(), shape, param_dtype), (None, *axes)
-    )
-    self.bias = param(jnp.zeros(channels, param_dtype), tuple(axes))
-
-  def init_state(self, batch: int) -> jax.Array:
-    """The last width - 1 inputs before the sequence start (zeros), [b, width - 1, *channels]."""
-    return jnp.zeros((batch, self.width - 1, *self.weight.shape[1:]), self.dtype)
-
-  def __call__(self, u_btc: jax.Array, state: jax.Array | None = None):
-    """Returns (y [b, t, *channels], new state: the last width - 1 inputs)."""
-    k, t = self.width, u_btc.shape[1]
-    u = u_btc.astype(self.dtype)
-    state = self.init_state(u.shape[0]) if state is None else state.astype(self.dtype)
-    ext = jnp.concatenate([state, u], axis=1)  # [b, k - 1 + t, *channels]
-    w = self.weight[...].astype(self.dtype)
-    y = self.bias[...].astype(self.dtype) + sum(
-      w[j] * ext[:, k - 1 - j : k - 1 - j + t] for j in range(k)
-    )
-    return y, ext[:, ext.shape[1] - (k - 1) :]
 
 
 class ImplicitFilter(nnx.Module):
@@ -213,8 +113,10 @@ class ImplicitFilter(nnx.Module):
     return h[:, 0], (h[:, 1] if self.directions == 2 else None)
 
 
-class Hyena(nnx.Module):
+class Hyena(LongConvMixer):
   """The Hyena operator of order N; decodes from a cache of every past position.
+
+  Call, decoding and cache as in `LongConvMixer`; the cache's "z" is [b, max_len, N, D].
 
   Args:
     d_model: Model width D.
@@ -230,6 +132,8 @@ class Hyena(nnx.Module):
     param_dtype: Storage dtype.
     rngs: Random streams.
   """
+
+  name = "hyena"
 
   def __init__(
     self,
@@ -247,18 +151,20 @@ class Hyena(nnx.Module):
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
-    check_option("hyena", "order", order, is_int(order, 1), "an integer >= 1")
-    check_option(
-      "hyena", "filter_hidden", filter_hidden, is_int(filter_hidden, 1), "an integer >= 1"
-    )
+    check_int("hyena", "order", order, 1)
+    check_int("hyena", "filter_hidden", filter_hidden, 1)
     check_option(
       "hyena", "emb_dim", emb_dim, is_int(emb_dim, 3) and emb_dim % 2 == 1, "an odd integer >= 3"
     )
-    positive = isinstance(filter_freq, int | float) and not isinstance(filter_freq, bool)
     check_option(
-      "hyena", "filter_freq", filter_freq, positive and filter_freq > 0, "a positive number"
+      "hyena",
+      "filter_freq",
+      filter_freq,
+      is_number(filter_freq) and filter_freq > 0,
+      "a positive number",
     )
     self.d_model, self.order, self.max_seq_len = d_model, order, max_seq_len
+    self.z_shape = (order, d_model)
     self.causal = causal
     self.dtype = dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -287,31 +193,13 @@ class Hyena(nnx.Module):
       d_model, d_model, axes=("mlp", "embed"), use_bias=True, init_std=out_init_std, **kw
     )
 
-  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
-    """{"conv": last 2 projections [b, 2, N+1, D], "z": long-conv inputs [b, max_len, N, D] f32}."""
-    del dtype
-    check_length("hyena", max_len, self.max_seq_len, what="cache length")
-    return {
-      "conv": self.short_conv.init_state(batch),
-      "z": jnp.zeros((batch, max_len, self.order, self.d_model), jnp.float32),
-    }
+  def project(self, x_btd):
+    """The N + 1 streams before the short convolution, [b, t, N+1, D]."""
+    return self.in_proj(x_btd)
 
-  def streams(self, x_btd, valid=None, conv_state=None):
-    """Projected, short-convolved streams [b, t, N+1, D] (x_1..x_N, v) and the conv state."""
-    u = self.in_proj(x_btd)
-    if valid is not None:
-      u = u * valid[:, :, None, None]  # Padded tokens feed nothing into the short convolution.
-    return self.short_conv(u, conv_state)
-
-  def __call__(self, x_btd, *, positions_bt, segment_ids_bt=None, cache=None, cache_index=None):
-    """Applies the operator; arguments and returns as in `Attention.__call__`."""
-    del positions_bt  # Position enters through the filters.
-    if cache is not None:
-      return self.decode(x_btd, cache, cache_index, segment_ids_bt)
-    t = x_btd.shape[1]
-    check_length("hyena", t, self.max_seq_len)
-    valid = None if segment_ids_bt is None else (segment_ids_bt != 0).astype(jnp.float32)
-    u, _ = self.streams(x_btd, valid)
+  def mix(self, u, valid):
+    """The order-N recurrence over a whole sequence with FFT long convolutions."""
+    t = u.shape[1]
     h_fwd, h_bwd = self.filter(t)  # [t, N, D] each
     skip = self.skip[...].astype(jnp.float32)
     z = u[:, :, self.order].astype(jnp.float32)  # v
@@ -320,26 +208,18 @@ class Hyena(nnx.Module):
         z = z * valid[:, :, None]
       y = fft_conv(z, h_fwd[:, n], None if h_bwd is None else h_bwd[:, n]) + skip[n] * z
       z = u[:, :, n].astype(jnp.float32) * y
-    return self.out_proj(z.astype(self.dtype)), None
+    return self.out_proj(z.astype(self.dtype))
 
-  def decode(self, x_btd, cache, cache_index, segment_ids_bt):
-    """Tokens at cache_index.. against the cache, by direct causal sums; returns (out, cache)."""
-    if segment_ids_bt is not None or not self.causal:
-      raise ValueError("hyena decodes only causally and without segment_ids")
-    s = cache["z"].shape[1]
-    check_length("hyena", s, self.max_seq_len, what="cache length")
-    index = jnp.asarray(cache_index, jnp.int32)
-    q_pos = index + jnp.arange(x_btd.shape[1], dtype=jnp.int32)
-    u, conv = self.streams(x_btd, conv_state=cache["conv"])
-    h, _ = self.filter(s)  # [s, N, D]
+  def mix_cached(self, u, zs, index, q_pos):
+    """The recurrence for new tokens, each long convolution a direct sum over the cache."""
+    h, _ = self.filter(zs.shape[1])  # [s, N, D]
     skip = self.skip[...].astype(jnp.float32)
-    zs = cache["z"]
     z = u[:, :, self.order].astype(jnp.float32)
     for n in range(self.order):
       zs = jax.lax.dynamic_update_slice(zs, z[:, :, None], (0, index, n, 0))
       y = direct_causal_conv(zs[:, :, n], h[:, n], q_pos) + skip[n] * z
       z = u[:, :, n].astype(jnp.float32) * y
-    return self.out_proj(z.astype(self.dtype)), {"conv": conv, "z": zs}
+    return self.out_proj(z.astype(self.dtype)), zs
 
 
 @MIXERS.register("hyena")
@@ -349,10 +229,6 @@ def _hyena(cfg, *, causal: bool, rngs: nnx.Rngs) -> Hyena:
     cfg.d_model,
     max_seq_len=cfg.max_seq_len,
     causal=causal,
-    init_std=cfg.init_std,
-    out_init_std=cfg.out_init_std,
-    dtype=cfg.compute_dtype,
-    param_dtype=cfg.storage_dtype,
-    rngs=rngs,
+    **layer_kwargs(cfg, rngs),
     **options,
   )

@@ -40,7 +40,7 @@ from flax import nnx
 from models.attention.base import mixer_options
 from models.attention.linear import from_chunks, to_chunks
 from models.linear import Linear, fused_linear
-from models.registry import MIXERS
+from models.registry import MIXERS, check_int, check_option, is_number, layer_kwargs
 from models.sharding import param
 
 DEFAULTS = {
@@ -52,12 +52,6 @@ DEFAULTS = {
   "dt_min": 0.001,
   "dt_max": 0.1,
 }
-
-
-def _check_int(name: str, value, low: int, allowed: str) -> int:
-  if not isinstance(value, int) or isinstance(value, bool) or value < low:
-    raise ValueError(f"model.mixer_options.{name}={value!r} is not allowed for mamba: {allowed}")
-  return value
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
@@ -149,20 +143,13 @@ class Mamba(nnx.Module):
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
-    _check_int("expand", expand, 1, "an integer >= 1")
-    _check_int("d_state", d_state, 1, "an integer >= 1")
-    _check_int("d_conv", d_conv, 1, "an integer >= 1")
-    _check_int("dt_rank", dt_rank, 0, "an integer >= 0 (0 = ceil(d_model / 16))")
-    _check_int("chunk_size", chunk_size, 1, "an integer >= 1")
+    for name, value in (("expand", expand), ("d_state", d_state), ("d_conv", d_conv)):
+      check_int("mamba", name, value, 1)
+    check_int("mamba", "dt_rank", dt_rank, 0, "an integer >= 0 (0 = ceil(d_model / 16))")
+    check_int("mamba", "chunk_size", chunk_size, 1)
     for name, value in (("dt_min", dt_min), ("dt_max", dt_max)):
-      if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(
-          f"model.mixer_options.{name}={value!r} is not allowed for mamba: a number > 0"
-        )
-    if dt_min > dt_max:
-      raise ValueError(
-        f"model.mixer_options.dt_min={dt_min!r} is not allowed for mamba: at most dt_max={dt_max!r}"
-      )
+      check_option("mamba", name, value, is_number(value) and value > 0, "a number > 0")
+    check_option("mamba", "dt_min", dt_min, dt_min <= dt_max, f"at most dt_max={dt_max!r}")
     e = expand * d_model
     rank = dt_rank or math.ceil(d_model / 16)
     self.d_inner, self.d_state, self.d_conv = e, d_state, d_conv
@@ -244,9 +231,5 @@ def _mamba(cfg, *, causal: bool, rngs: nnx.Rngs) -> Mamba:
   return Mamba(
     cfg.d_model,
     **options,
-    init_std=cfg.init_std,
-    out_init_std=cfg.out_init_std,
-    dtype=cfg.compute_dtype,
-    param_dtype=cfg.storage_dtype,
-    rngs=rngs,
+    **layer_kwargs(cfg, rngs),
   )

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.linear import Linear, fused_linear
-from models.registry import MLPS
+from models.registry import MLPS, layer_kwargs
 
 
 class SwiGLU(nnx.Module):
@@ -65,21 +65,11 @@ class GeluMLP(nnx.Module):
     return self.down(jax.nn.gelu(self.up(x_btd)))
 
 
-def _kwargs(cfg, rngs):
-  return dict(
-    init_std=cfg.init_std,
-    out_init_std=cfg.out_init_std,
-    dtype=cfg.compute_dtype,
-    param_dtype=cfg.storage_dtype,
-    rngs=rngs,
-  )
-
-
 @MLPS.register("swiglu")
 def _swiglu(cfg, *, rngs: nnx.Rngs) -> SwiGLU:
-  return SwiGLU(cfg.d_model, cfg.mlp_dim, **_kwargs(cfg, rngs))
+  return SwiGLU(cfg.d_model, cfg.mlp_dim, **layer_kwargs(cfg, rngs))
 
 
 @MLPS.register("gelu")
 def _gelu(cfg, *, rngs: nnx.Rngs) -> GeluMLP:
-  return GeluMLP(cfg.d_model, cfg.mlp_dim, **_kwargs(cfg, rngs))
+  return GeluMLP(cfg.d_model, cfg.mlp_dim, **layer_kwargs(cfg, rngs))

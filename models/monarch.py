@@ -37,16 +37,15 @@ import numpy as np
 from flax import nnx
 
 from models.attention.base import mixer_options
-from models.hyena import (
+from models.longconv import (
   SHORT_CONV,
+  LongConvMixer,
   ShortConv,
-  check_length,
   decay_window,
   direct_causal_conv,
-  is_int,
   kernel_layout,
 )
-from models.registry import MIXERS
+from models.registry import MIXERS, check_option, is_int, layer_kwargs
 from models.sharding import param
 
 DEFAULTS = {"nblocks": 4}
@@ -171,12 +170,14 @@ class MonarchLinear(nnx.Module):
   def __init__(
     self, features: int, nblocks: int, *, init_std=0.02, dtype=jnp.float32, param_dtype, rngs
   ):
-    if not is_int(nblocks, 1) or features % nblocks:
-      divisors = ", ".join(str(d) for d in range(1, features + 1) if features % d == 0)
-      raise ValueError(
-        f"model.mixer_options.nblocks={nblocks!r} is not allowed for monarch: it must divide "
-        f"model.d_model={features}; choose one of: {divisors}"
-      )
+    divisors = ", ".join(str(d) for d in range(1, features + 1) if features % d == 0)
+    check_option(
+      "monarch",
+      "nblocks",
+      nblocks,
+      is_int(nblocks, 1) and features % nblocks == 0,
+      f"it must divide model.d_model={features}; choose one of: {divisors}",
+    )
     b, m = nblocks, features // nblocks
     self.dtype = dtype
     normal = lambda std, shape: std * jax.random.normal(rngs.params(), shape, param_dtype)  # noqa: E731
@@ -189,8 +190,10 @@ class MonarchLinear(nnx.Module):
     return monarch_matmul(x.astype(self.dtype), f(self.r), f(self.l)) + f(self.bias)
 
 
-class MonarchMixer(nnx.Module):
+class MonarchMixer(LongConvMixer):
   """M2's sequence mixer: Monarch projections around a gated Monarch-FFT long convolution.
+
+  Call, decoding and cache as in `LongConvMixer`; the cache's "z" is [b, max_len, D].
 
   Args:
     d_model: Model width D.
@@ -203,6 +206,8 @@ class MonarchMixer(nnx.Module):
     param_dtype: Storage dtype.
     rngs: Random streams.
   """
+
+  name = "monarch"
 
   def __init__(
     self,
@@ -218,6 +223,7 @@ class MonarchMixer(nnx.Module):
     rngs: nnx.Rngs,
   ):
     self.d_model, self.max_seq_len, self.causal, self.dtype = d_model, max_seq_len, causal, dtype
+    self.z_shape = (d_model,)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gate_in = MonarchLinear(d_model, nblocks, init_std=init_std, **kw)
     self.gate_out = MonarchLinear(d_model, nblocks, init_std=init_std, **kw)
@@ -237,51 +243,25 @@ class MonarchMixer(nnx.Module):
     k = self.kernel[...][:, :length].astype(jnp.float32) * window[None]
     return k[0], (k[1] if k.shape[0] == 2 else None)
 
-  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
-    """{"conv": last 2 projections [b, 2, 3, D], "z": gated inputs [b, max_len, D] float32}."""
-    del dtype
-    check_length("monarch", max_len, self.max_seq_len, what="cache length")
-    return {
-      "conv": self.short_conv.init_state(batch),
-      "z": jnp.zeros((batch, max_len, self.d_model), jnp.float32),
-    }
+  def project(self, x_btd):
+    """(x1, x2, v) before the short convolution, [b, t, 3, D]."""
+    return jnp.stack([self.gate_in(x_btd), self.gate_out(x_btd), self.value(x_btd)], axis=2)
 
-  def streams(self, x_btd, valid=None, conv_state=None):
-    """Short-convolved (x1, x2, v) as [b, t, 3, D], and the short convolution's state."""
-    u = jnp.stack([self.gate_in(x_btd), self.gate_out(x_btd), self.value(x_btd)], axis=2)
-    if valid is not None:
-      u = u * valid[:, :, None, None]  # Padded tokens feed nothing into the short convolution.
-    return self.short_conv(u, conv_state)
-
-  def __call__(self, x_btd, *, positions_bt, segment_ids_bt=None, cache=None, cache_index=None):
-    """Applies the mixer; arguments and returns as in `Attention.__call__`."""
-    del positions_bt  # Position enters through the kernel.
-    if cache is not None:
-      return self.decode(x_btd, cache, cache_index, segment_ids_bt)
-    t = x_btd.shape[1]
-    check_length("monarch", t, self.max_seq_len)
-    valid = None if segment_ids_bt is None else (segment_ids_bt != 0).astype(jnp.float32)
-    u, _ = self.streams(x_btd, valid)
+  def mix(self, u, valid):
+    """The gated long convolution over a whole sequence, with Monarch DFTs."""
     z = u[:, :, 0].astype(jnp.float32) * u[:, :, 2].astype(jnp.float32)
     if valid is not None:
       z = z * valid[:, :, None]
-    y = monarch_conv(z, *self.kernels(t)) + self.skip[...].astype(jnp.float32) * z
-    return self.out_proj((u[:, :, 1].astype(jnp.float32) * y).astype(self.dtype)), None
+    y = monarch_conv(z, *self.kernels(u.shape[1])) + self.skip[...].astype(jnp.float32) * z
+    return self.out_proj((u[:, :, 1].astype(jnp.float32) * y).astype(self.dtype))
 
-  def decode(self, x_btd, cache, cache_index, segment_ids_bt):
-    """Tokens at cache_index.. against the cache, by direct causal sums; returns (out, cache)."""
-    if segment_ids_bt is not None or not self.causal:
-      raise ValueError("monarch decodes only causally and without segment_ids")
-    s = cache["z"].shape[1]
-    check_length("monarch", s, self.max_seq_len, what="cache length")
-    index = jnp.asarray(cache_index, jnp.int32)
-    q_pos = index + jnp.arange(x_btd.shape[1], dtype=jnp.int32)
-    u, conv = self.streams(x_btd, conv_state=cache["conv"])
+  def mix_cached(self, u, zs, index, q_pos):
+    """New tokens: the long convolution is a direct sum over the cache."""
     z = u[:, :, 0].astype(jnp.float32) * u[:, :, 2].astype(jnp.float32)
-    zs = jax.lax.dynamic_update_slice(cache["z"], z, (0, index, 0))
-    y = direct_causal_conv(zs, self.kernels(s)[0], q_pos) + self.skip[...].astype(jnp.float32) * z
-    out = self.out_proj((u[:, :, 1].astype(jnp.float32) * y).astype(self.dtype))
-    return out, {"conv": conv, "z": zs}
+    zs = jax.lax.dynamic_update_slice(zs, z, (0, index, 0))
+    kernel = self.kernels(zs.shape[1])[0]
+    y = direct_causal_conv(zs, kernel, q_pos) + self.skip[...].astype(jnp.float32) * z
+    return self.out_proj((u[:, :, 1].astype(jnp.float32) * y).astype(self.dtype)), zs
 
 
 @MIXERS.register("monarch")
@@ -291,10 +271,6 @@ def _monarch(cfg, *, causal: bool, rngs: nnx.Rngs) -> MonarchMixer:
     cfg.d_model,
     max_seq_len=cfg.max_seq_len,
     causal=causal,
-    init_std=cfg.init_std,
-    out_init_std=cfg.out_init_std,
-    dtype=cfg.compute_dtype,
-    param_dtype=cfg.storage_dtype,
-    rngs=rngs,
+    **layer_kwargs(cfg, rngs),
     **options,
   )

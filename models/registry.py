@@ -53,6 +53,39 @@ class Registry:
     return name in self._entries
 
 
+def is_int(value, low: int) -> bool:
+  """Whether `value` is an int (not a bool) >= low."""
+  return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def is_number(value) -> bool:
+  """Whether `value` is an int or float (not a bool)."""
+  return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_option(
+  module: str, name: str, value, ok: bool, allowed: str, *, setting: str = "model.mixer_options"
+) -> None:
+  """Unless `ok`, raises a one-line ValueError naming the setting, the bad value and what is allowed.
+
+  Args:
+    module: The registered name of the module, e.g. "mamba".
+    name: The option's key.
+    value: The value given.
+    ok: Whether the value is acceptable.
+    allowed: What is allowed, e.g. "an integer >= 1".
+    setting: The config path of the options table.
+  """
+  if not ok:
+    raise ValueError(f"{setting}.{name}={value!r} is not allowed for {module}: {allowed}")
+
+
+def check_int(module: str, name: str, value, low: int, allowed: str = "") -> int:
+  """`check_option` for an integer >= low (`allowed` defaults to "an integer >= low")."""
+  check_option(module, name, value, is_int(value, low), allowed or f"an integer >= {low}")
+  return value
+
+
 # Builders have the signature `(cfg: ModelConfig, *, causal: bool, rngs: nnx.Rngs) -> nnx.Module`.
 MIXERS = Registry("sequence mixer", "model.mixer")
 MLPS = Registry("MLP", "model.mlp")
@@ -78,6 +111,17 @@ def thaw_options(frozen) -> dict[str, Any]:
 
   items = frozen.items() if isinstance(frozen, Mapping) else frozen
   return {k: thaw_options(v) if is_pairs(v) and v else v for k, v in items}
+
+
+def layer_kwargs(cfg, rngs) -> dict[str, Any]:
+  """The constructor arguments most registered layers take from the model config alike."""
+  return dict(
+    init_std=cfg.init_std,
+    out_init_std=cfg.out_init_std,
+    dtype=cfg.compute_dtype,
+    param_dtype=cfg.storage_dtype,
+    rngs=rngs,
+  )
 
 
 def module_options(

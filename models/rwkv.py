@@ -50,7 +50,7 @@ from flax import nnx
 from models.attention.base import mixer_options
 from models.attention.linear import from_chunks, to_chunks
 from models.linear import Linear, ProjectOut
-from models.registry import MIXERS, MLPS
+from models.registry import MIXERS, MLPS, check_int, layer_kwargs
 from models.sharding import param
 
 DEFAULTS = {"chunk_size": 32, "mix_lora": 32, "decay_lora": 64}
@@ -114,14 +114,6 @@ def chunked_wkv(r, k, v, log_w, u, *, chunk_size: int, state=None, unroll=1):
   return from_chunks(out, t), state
 
 
-def _check_int(name: str, value, low: int) -> int:
-  if not isinstance(value, int) or isinstance(value, bool) or value < low:
-    raise ValueError(
-      f"model.mixer_options.{name}={value!r} is not allowed for rwkv: an integer >= {low}"
-    )
-  return value
-
-
 class RWKV6TimeMix(nnx.Module):
   """RWKV-6 time-mix (causal); decodes with a constant-size (shift, WKV) state.
 
@@ -154,9 +146,12 @@ class RWKV6TimeMix(nnx.Module):
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
-    _check_int("chunk_size", chunk_size, 1)
-    _check_int("mix_lora", mix_lora, 1)
-    _check_int("decay_lora", decay_lora, 1)
+    for name, value in (
+      ("chunk_size", chunk_size),
+      ("mix_lora", mix_lora),
+      ("decay_lora", decay_lora),
+    ):
+      check_int("rwkv", name, value, 1)
     if num_heads * head_dim != d_model:
       raise ValueError(
         f"rwkv needs model.d_model == num_heads * head_dim; got d_model={d_model}, "
@@ -320,22 +315,10 @@ def _rwkv(cfg, *, causal: bool, rngs: nnx.Rngs) -> RWKV6TimeMix:
     cfg.num_heads,
     cfg.resolved_head_dim,
     **options,
-    init_std=cfg.init_std,
-    out_init_std=cfg.out_init_std,
-    dtype=cfg.compute_dtype,
-    param_dtype=cfg.storage_dtype,
-    rngs=rngs,
+    **layer_kwargs(cfg, rngs),
   )
 
 
 @MLPS.register("rwkv_cmix")
 def _rwkv_cmix(cfg, *, rngs: nnx.Rngs) -> RWKVChannelMix:
-  return RWKVChannelMix(
-    cfg.d_model,
-    cfg.mlp_dim,
-    init_std=cfg.init_std,
-    out_init_std=cfg.out_init_std,
-    dtype=cfg.compute_dtype,
-    param_dtype=cfg.storage_dtype,
-    rngs=rngs,
-  )
+  return RWKVChannelMix(cfg.d_model, cfg.mlp_dim, **layer_kwargs(cfg, rngs))

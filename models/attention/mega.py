@@ -28,7 +28,7 @@ from flax import nnx
 
 from models.attention.base import NEG_INF, mixer_options
 from models.linear import Linear
-from models.registry import MIXERS
+from models.registry import MIXERS, check_int, layer_kwargs
 from models.sharding import param
 
 DEFAULTS = {"ndim": 8, "chunk_size": 0, "zdim": 0}
@@ -92,10 +92,7 @@ class MegaAttention(nnx.Module):
     rngs: nnx.Rngs,
   ):
     for name, value, low in (("ndim", ndim, 1), ("zdim", zdim, 1), ("chunk_size", chunk_size, 0)):
-      if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(
-          f"model.mixer_options.{name}={value!r} is not allowed for mega: an integer >= {low}"
-        )
+      check_int("mega", name, value, low)
     self.d_model, self.ndim, self.zdim = d_model, ndim, zdim
     self.chunk_size = chunk_size
     self.causal = causal
@@ -224,11 +221,7 @@ def _softmax_attention(q, k, v, mask) -> jax.Array:
 @MIXERS.register("mega")
 def _mega(cfg, *, causal: bool, rngs: nnx.Rngs) -> MegaAttention:
   options = mixer_options(cfg, "mega", DEFAULTS)
-  zdim = options["zdim"]
-  if not isinstance(zdim, int) or isinstance(zdim, bool) or zdim < 0:
-    raise ValueError(
-      f"model.mixer_options.zdim={zdim!r} is not allowed for mega: an integer >= 0 (0 = head_dim)"
-    )
+  zdim = check_int("mega", "zdim", options["zdim"], 0, "an integer >= 0 (0 = head_dim)")
   zdim = zdim or cfg.resolved_head_dim
   return MegaAttention(
     cfg.d_model,
@@ -236,9 +229,5 @@ def _mega(cfg, *, causal: bool, rngs: nnx.Rngs) -> MegaAttention:
     zdim=zdim,
     chunk_size=options["chunk_size"],
     causal=causal,
-    init_std=cfg.init_std,
-    out_init_std=cfg.out_init_std,
-    dtype=cfg.compute_dtype,
-    param_dtype=cfg.storage_dtype,
-    rngs=rngs,
+    **layer_kwargs(cfg, rngs),
   )

@@ -11,7 +11,14 @@ from flax import nnx
 
 import models.hyena  # noqa: F401  (registers "hyena")
 from models import ModelConfig, build_model
-from models.hyena import DECAY_REACH, DECAY_TARGET, Hyena, fft_conv
+from models.hyena import Hyena, fft_conv
+from models.longconv import DECAY_REACH, DECAY_TARGET
+from tests.models.mixer_checks import (
+  check_causal_and_decoding,
+  check_one_line_error,
+  check_too_long_raises,
+  randomised,
+)
 
 B, T, D = 2, 11, 8
 TINY = dict(vocab_size=37, d_model=16, num_layers=1, num_heads=2, max_seq_len=24, mixer="hyena")
@@ -72,18 +79,6 @@ def check_conv(conv, two_sided, atol):
 @pytest.mark.parametrize("two_sided", [False, True])
 def test_fft_conv_matches_toeplitz_forward_and_gradients(two_sided):
   check_conv(fft_conv, two_sided, atol=2e-5)
-
-
-def randomised(make, seed: int = 0, std: float = 0.3):
-  """The module `make()` builds, every parameter drawn from N(0, std²) by numpy.
-
-  The identities tested hold for any parameters; skipping the real initialisers (each parameter
-  shape compiles its own jax.random program) keeps the tests fast.
-  """
-  graphdef, state = nnx.split(nnx.eval_shape(make))
-  rng = np.random.default_rng(seed)
-  state = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, std, a.shape), a.dtype), state)
-  return nnx.merge(graphdef, state)
 
 
 @functools.cache
@@ -151,47 +146,17 @@ def tiny(**kw):
   return ModelConfig(**{**TINY, **kw})
 
 
-def tokens(b=2, t=14, seed=0):
-  return jax.random.randint(jax.random.key(seed), (b, t), 0, 37, jnp.int32)
-
-
-@nnx.jit
-def logits(model, x, segment_ids=None):
-  return model(x, segment_ids_bt=segment_ids).logits
-
-
-@nnx.jit
-def decode(model, x, cache, index):
-  out = model(x, cache=cache, cache_index=index)
-  return out.logits, out.cache
-
-
 @pytest.fixture(scope="module")
 def model():
   return randomised(lambda: build_model(tiny()))
 
 
 def test_causal_and_cached_decoding_equal_full_forward(model):
-  x = tokens(t=14)
-  full = logits(model, x)
-  for t in (0, 6, 12):
-    changed = logits(model, x.at[:, t + 1].set((x[:, t + 1] + 1) % 37))
-    np.testing.assert_allclose(changed[:, : t + 1], full[:, : t + 1], atol=1e-6, rtol=0)
-    assert not np.allclose(changed[:, t + 1 :], full[:, t + 1 :])
-  out, cache = decode(model, x[:, :5], model.init_cache(batch=2, max_len=20), 0)  # Prefill.
-  steps = [out]
-  for t in range(5, 14):  # Then one token at a time.
-    out, cache = decode(model, x[:, t : t + 1], cache, jnp.int32(t))
-    steps.append(out)
-  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
+  check_causal_and_decoding(model, prefills=(5,))
 
 
 def test_too_long_sequences_raise(model):
-  with pytest.raises(ValueError, match=r"sequence length 30 exceeds model.max_seq_len=24") as err:
-    model(tokens(t=30))
-  assert "\n" not in str(err.value)
-  with pytest.raises(ValueError, match=r"cache length 32 exceeds model.max_seq_len=24"):
-    model.init_cache(batch=1, max_len=32)
+  check_too_long_raises(model, max_seq_len=24)
 
 
 @pytest.mark.parametrize(
@@ -205,6 +170,4 @@ def test_too_long_sequences_raise(model):
   ],
 )
 def test_bad_options_raise_one_line_errors(options, match):
-  with pytest.raises(ValueError, match=match) as err:
-    build_model(tiny(mixer_options=options))
-  assert "\n" not in str(err.value)
+  check_one_line_error(lambda: build_model(tiny(mixer_options=options)), match)

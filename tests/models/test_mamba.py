@@ -8,32 +8,21 @@ from flax import nnx
 
 from models import ModelConfig, build_model
 from models.mamba import Mamba, selective_scan
+from tests.models.mixer_checks import (
+  check_causal_and_decoding,
+  check_left_padding,
+  check_one_line_error,
+  check_state_size_is_constant,
+  decode,
+  first_block,
+  normal,
+  randomize,
+)
 
 B, T, E, N = 2, 11, 6, 3  # T = 11 is not a multiple of the chunk size 4.
 # One layer: its stacked parameters then share shapes (and init compiles) with the one-group hybrid.
 TINY = dict(vocab_size=37, d_model=32, num_layers=1, num_heads=4, max_seq_len=32)
 OPTIONS = {"d_state": 4, "chunk_size": 4}
-
-
-def randomize(module, scale, seed=0):
-  """Adds scale * N(0, 1) noise to every parameter (so gates, B, C, Δ are far from init).
-
-  Host-side NumPy: no per-shape compiles.
-  """
-  rng = np.random.default_rng(seed)
-  noisy = lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape), x.dtype)
-  nnx.update(module, jax.tree.map(noisy, nnx.state(module, nnx.Param)))
-  return module
-
-
-def first_mixer(model):
-  """Layer 0's mixer of a DecoderLM as a standalone module (a copy)."""
-  graphdef, state = nnx.split(model.layers.groups)
-  return (
-    nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[0]), state))
-    .blocks[0]
-    .mixer
-  )
 
 
 def scan_inputs(t=T, seed=0):
@@ -99,77 +88,25 @@ def tiny(mixer="mamba", options=None, **kw):
   return ModelConfig(**{**TINY, "mixer": mixer, "mixer_options": options or OPTIONS, **kw})
 
 
-def normal(shape, seed=0):
-  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def tokens(b=2, t=14, seed=0):
-  return np.random.default_rng(seed).integers(1, 37, (b, t), dtype=np.int32)
-
-
 @pytest.fixture(scope="module")
 def model():
   return randomize(build_model(tiny()), 0.1)
 
 
-@nnx.jit
-def logits(model, x, segment_ids=None):
-  return model(x, segment_ids_bt=segment_ids).logits
-
-
-@nnx.jit
-def decode(model, x, cache, index, segment_ids=None):
-  out = model(x, segment_ids_bt=segment_ids, cache=cache, cache_index=index)
-  return out.logits, out.cache
-
-
-def check_causal(model, x, full):
-  """Changing token j changes no logit before j (and does change later ones)."""
-  for t in (0, 6, 12):
-    changed = x.copy()
-    changed[:, t + 1] = (x[:, t + 1] + 1) % 37
-    changed = np.asarray(logits(model, changed))
-    np.testing.assert_allclose(changed[:, : t + 1], full[:, : t + 1], atol=1e-6, rtol=0)
-    assert not np.allclose(changed[:, t + 1 :], full[:, t + 1 :])
-
-
-def check_decoding(model, x, full, prefill):
-  """Prefill `prefill` tokens, then one token at a time: the logits equal the full forward."""
-  cache = model.init_cache(batch=x.shape[0], max_len=20)
-  out, cache = decode(model, x[:, :prefill], cache, jnp.int32(0))
-  steps = [np.asarray(out)]
-  for t in range(prefill, x.shape[1]):
-    out, cache = decode(model, x[:, t : t + 1], cache, jnp.int32(t))
-    steps.append(np.asarray(out))
-  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
-
-
 def test_causal_and_decoding_equals_full_forward(model):
-  x = tokens()
-  full = np.asarray(logits(model, x))
-  check_causal(model, x, full)
-  check_decoding(model, x, full, prefill=1)  # Token by token from an empty state.
-  check_decoding(model, x, full, prefill=6)  # A prompt of 6 (not a multiple of the chunk) first.
+  # From an empty state token by token, and after a prompt of 6 (not a multiple of the chunk).
+  check_causal_and_decoding(model, prefills=(1, 6))
 
 
 def test_hybrid_builds_runs_and_decodes():
   model = randomize(build_model(tiny("mamba,dense", {"mamba": OPTIONS}, num_layers=2)), 0.1)
   kinds = [type(b.mixer).__name__ for b in model.layers.groups.blocks]
   assert kinds == ["Mamba", "DenseAttention"], kinds
-  x = tokens()
-  full = np.asarray(logits(model, x))
-  check_causal(model, x, full)
-  check_decoding(model, x, full, prefill=6)
+  check_causal_and_decoding(model, prefills=(6,))
 
 
 def test_left_padding_is_invisible_in_forward_and_prefill(model):
-  """Row 0 is x after 5 padding tokens; row 1 is x followed by 5 other tokens."""
-  x, extra = tokens(b=1, t=9), tokens(b=1, t=5, seed=1)
-  both = np.concatenate([np.concatenate([0 * extra, x], 1), np.concatenate([x, extra], 1)])
-  seg = np.array([[0] * 5 + [1] * 9, [1] * 14], np.int32)
-  out = np.asarray(logits(model, both, seg))
-  np.testing.assert_allclose(out[0, 5:], out[1, :9], atol=2e-5, rtol=1e-5)
-  assert not np.allclose(logits(model, both)[0, 5:], out[1, :9])  # Unmasked padding is seen.
+  both, seg, out = check_left_padding(model)
   cache = model.init_cache(batch=2, max_len=20)
   pre, cache = decode(model, both[:, :8], cache, jnp.int32(0), seg[:, :8])  # Prefill ends in x.
   np.testing.assert_allclose(pre, out[:, :8], atol=2e-5, rtol=1e-5)
@@ -179,7 +116,7 @@ def test_left_padding_is_invisible_in_forward_and_prefill(model):
 
 def test_layer_matches_definition_and_gradients_reach_every_parameter(model):
   """The layer vs `naive_mamba`; the scan's gradients are checked against the recurrence above."""
-  m = randomize(first_mixer(model), 0.3)
+  m = randomize(first_block(model).mixer, 0.3)
   x = normal((B, T, m.out.kernel.shape[1]), seed=1)
   layer = lambda m: m(x, positions_bt=jnp.zeros((B, T), jnp.int32))[0]
   out, grads = nnx.jit(lambda m: (layer(m), nnx.grad(lambda m: jnp.sum(layer(m) ** 2))(m)))(m)
@@ -189,8 +126,7 @@ def test_layer_matches_definition_and_gradients_reach_every_parameter(model):
 
 
 def test_state_is_constant_size_and_scan_memory_is_one_chunk(model):
-  shapes = lambda n: jax.tree.map(lambda a: a.shape, model.init_cache(batch=2, max_len=n))
-  assert shapes(16) == shapes(4096)
+  check_state_size_is_constant(model)
   # The forward never materialises the [T, E, N] state history, only one chunk of it.
   t, e, n = 4096, 32, 16
 
@@ -220,12 +156,8 @@ def test_state_is_constant_size_and_scan_memory_is_one_chunk(model):
   ],
 )
 def test_bad_settings_raise_one_line_errors(options, match):
-  with pytest.raises(ValueError, match=match) as err:
-    build_model(tiny(options=options))
-  assert "\n" not in str(err.value)
+  check_one_line_error(lambda: build_model(tiny(options=options)), match)
 
 
 def test_encoder_is_rejected():
-  with pytest.raises(ValueError, match=r"model.mixer='mamba' is causal only") as err:
-    build_model(tiny(kind="encoder"))
-  assert "\n" not in str(err.value)
+  check_one_line_error(lambda: build_model(tiny(kind="encoder")), r"model.mixer='mamba' is causal")

@@ -19,14 +19,16 @@ from models.monarch import (
   monarch_matmul,
   transpose_permutation,
 )
+from tests.models.mixer_checks import (
+  check_causal_and_decoding,
+  check_one_line_error,
+  check_too_long_raises,
+  randomised,
+)
 from tests.models.test_hyena import (
   check_conv,
-  decode,
-  logits,
   naive_conv,
   naive_short_conv,
-  randomised,
-  tokens,
 )
 
 B, T, D = 2, 11, 8
@@ -163,26 +165,11 @@ def model():
 
 
 def test_causal_and_cached_decoding_equal_full_forward(model):
-  x = tokens(t=14)
-  full = logits(model, x)
-  for t in (0, 6, 12):
-    changed = logits(model, x.at[:, t + 1].set((x[:, t + 1] + 1) % 37))
-    np.testing.assert_allclose(changed[:, : t + 1], full[:, : t + 1], atol=1e-6, rtol=0)
-    assert not np.allclose(changed[:, t + 1 :], full[:, t + 1 :])
-  out, cache = decode(model, x[:, :5], model.init_cache(batch=2, max_len=20), 0)  # Prefill.
-  steps = [out]
-  for t in range(5, 14):  # Then one token at a time.
-    out, cache = decode(model, x[:, t : t + 1], cache, jnp.int32(t))
-    steps.append(out)
-  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
+  check_causal_and_decoding(model, prefills=(5,))
 
 
 def test_too_long_sequences_raise(model):
-  with pytest.raises(ValueError, match=r"sequence length 25 exceeds model.max_seq_len=24") as err:
-    model(tokens(t=25))
-  assert "\n" not in str(err.value)
-  with pytest.raises(ValueError, match=r"cache length 32 exceeds model.max_seq_len=24"):
-    model.init_cache(batch=1, max_len=32)
+  check_too_long_raises(model, max_seq_len=24)
 
 
 @pytest.mark.parametrize(
@@ -194,6 +181,6 @@ def test_too_long_sequences_raise(model):
   ],
 )
 def test_bad_options_raise_one_line_errors(options, match):
-  with pytest.raises(ValueError, match=match) as err:
-    build_model(ModelConfig(**{**TINY, "mixer_options": options}))
-  assert "\n" not in str(err.value)
+  check_one_line_error(
+    lambda: build_model(ModelConfig(**{**TINY, "mixer_options": options})), match
+  )

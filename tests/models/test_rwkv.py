@@ -8,28 +8,23 @@ from flax import nnx
 
 from models import ModelConfig, build_model
 from models.rwkv import GROUP_NORM_EPS, RWKV6TimeMix, chunked_wkv
+from tests.models.mixer_checks import (
+  check_causal_and_decoding,
+  check_left_padding,
+  check_one_line_error,
+  check_state_size_is_constant,
+  decode,
+  first_block,
+  logits,
+  normal,
+  randomize,
+  tokens,
+)
 
 B, T, H, K = 2, 11, 2, 3  # T = 11 is not a multiple of the chunk size 4.
 # One layer: its stacked parameters then share shapes (and init compiles) with the one-group hybrid.
 TINY = dict(vocab_size=37, d_model=32, num_layers=1, num_heads=4, max_seq_len=32)
 OPTIONS = {"chunk_size": 4, "mix_lora": 4, "decay_lora": 8}
-
-
-def randomize(module, scale, seed=0):
-  """Adds scale * N(0, 1) noise to every parameter (the zero-initialised LoRAs become active).
-
-  Host-side NumPy: no per-shape compiles.
-  """
-  rng = np.random.default_rng(seed)
-  noisy = lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape), x.dtype)
-  nnx.update(module, jax.tree.map(noisy, nnx.state(module, nnx.Param)))
-  return module
-
-
-def first_layer(model):
-  """Layer 0 of a DecoderLM as a standalone block (a copy)."""
-  graphdef, state = nnx.split(model.layers.groups)
-  return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[0]), state)).blocks[0]
 
 
 def naive_wkv(r, k, v, w, u, s0):
@@ -118,28 +113,9 @@ def tiny(mlp="swiglu", options=None, **kw):
   )
 
 
-def normal(shape, seed=0):
-  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def tokens(b=2, t=14, seed=0):
-  return np.random.default_rng(seed).integers(1, 37, (b, t), dtype=np.int32)
-
-
 @pytest.fixture(scope="module")
 def model():
   return randomize(build_model(tiny()), 0.1)
-
-
-@nnx.jit
-def logits(model, x, segment_ids=None):
-  return model(x, segment_ids_bt=segment_ids).logits
-
-
-@nnx.jit
-def decode(model, x, cache, index, segment_ids=None):
-  out = model(x, segment_ids_bt=segment_ids, cache=cache, cache_index=index)
-  return out.logits, out.cache
 
 
 def run_mixer(m, x):
@@ -147,7 +123,7 @@ def run_mixer(m, x):
 
 
 def test_layer_matches_definition_and_gradients_reach_every_parameter(model):
-  m = randomize(first_layer(model).mixer, 0.3)
+  m = randomize(first_block(model).mixer, 0.3)
   x = normal((B, T, m.d_model), seed=1)
   out, grads = nnx.jit(
     lambda m: (run_mixer(m, x), nnx.grad(lambda m: jnp.sum(run_mixer(m, x) ** 2))(m))
@@ -158,7 +134,7 @@ def test_layer_matches_definition_and_gradients_reach_every_parameter(model):
 
 
 def test_layer_with_strong_decay_over_256_tokens_is_finite_and_exact(model):
-  m = randomize(first_layer(model).mixer, 0.3, seed=1)
+  m = randomize(first_block(model).mixer, 0.3, seed=1)
   m.decay[...] = jnp.asarray(
     np.asarray(m.decay[...]) + 6.0
   )  # log w = -exp(d) from about -1 to -e^5: often clamped.
@@ -169,40 +145,14 @@ def test_layer_with_strong_decay_over_256_tokens_is_finite_and_exact(model):
   np.testing.assert_allclose(out, nnx.jit(naive_time_mix)(m, x), atol=2e-5, rtol=1e-4)
 
 
-def check_decoding(model, x, full, prefill):
-  """Prefill `prefill` tokens, then one token at a time: the logits equal the full forward."""
-  cache = model.init_cache(batch=x.shape[0], max_len=20)
-  out, cache = decode(model, x[:, :prefill], cache, jnp.int32(0))
-  steps = [np.asarray(out)]
-  for t in range(prefill, x.shape[1]):
-    out, cache = decode(model, x[:, t : t + 1], cache, jnp.int32(t))
-    steps.append(np.asarray(out))
-  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
-
-
 def test_causal_and_decoding_equals_full_forward(model):
-  x = tokens()
-  full = np.asarray(logits(model, x))
-  for t in (0, 6, 12):
-    changed = x.copy()
-    changed[:, t + 1] = (x[:, t + 1] + 1) % 37
-    changed = np.asarray(logits(model, changed))
-    np.testing.assert_allclose(changed[:, : t + 1], full[:, : t + 1], atol=1e-6, rtol=0)
-    assert not np.allclose(changed[:, t + 1 :], full[:, t + 1 :])
-  check_decoding(model, x, full, prefill=1)  # Token by token from an empty state.
-  check_decoding(model, x, full, prefill=6)  # A prompt of 6 (not a multiple of the chunk) first.
-  shapes = lambda n: jax.tree.map(lambda a: a.shape, model.init_cache(batch=2, max_len=n))
-  assert shapes(16) == shapes(4096)
+  # From an empty state token by token, and after a prompt of 6 (not a multiple of the chunk).
+  check_causal_and_decoding(model, prefills=(1, 6))
+  check_state_size_is_constant(model)
 
 
 def test_left_padding_is_invisible(model):
-  """Row 0 is x after 5 padding tokens; row 1 is x followed by 5 other tokens."""
-  x, extra = tokens(b=1, t=9), tokens(b=1, t=5, seed=1)
-  both = np.concatenate([np.concatenate([0 * extra, x], 1), np.concatenate([x, extra], 1)])
-  seg = np.array([[0] * 5 + [1] * 9, [1] * 14], np.int32)
-  out = np.asarray(logits(model, both, seg))
-  np.testing.assert_allclose(out[0, 5:], out[1, :9], atol=2e-5, rtol=1e-5)
-  assert not np.allclose(logits(model, both)[0, 5:], out[1, :9])  # Unmasked padding is seen.
+  check_left_padding(model)
 
 
 def test_channel_mix_is_exact_on_whole_sequences_but_not_when_decoding_token_by_token():
@@ -210,7 +160,7 @@ def test_channel_mix_is_exact_on_whole_sequences_but_not_when_decoding_token_by_
   there), wrong for one-token steps (each sees a zero previous token). The time-mix itself decodes
   exactly (see above): decode RWKV models with a position-wise MLP such as swiglu."""
   model = randomize(build_model(tiny(mlp="rwkv_cmix")), 0.1)
-  cmix = first_layer(model).mlp
+  cmix = first_block(model).mlp
   x = normal((B, T, 32), seed=3)
   p = lambda v: np.asarray(v[...])
   dx = np.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1] - x  # x_{t-1} - x_t, x_{-1} = 0
@@ -244,6 +194,4 @@ def test_channel_mix_is_exact_on_whole_sequences_but_not_when_decoding_token_by_
   ],
 )
 def test_bad_settings_raise_one_line_errors(kw, match):
-  with pytest.raises(ValueError, match=match) as err:
-    build_model(tiny(**kw))
-  assert "\n" not in str(err.value)
+  check_one_line_error(lambda: build_model(tiny(**kw)), match)

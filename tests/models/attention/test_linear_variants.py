@@ -14,6 +14,13 @@ from models.attention.aft import AFTAttention
 from models.attention.base import reference_attention
 from models.attention.efficient import EfficientAttention, causal_efficient_attention
 from models.attention.linear import LinearAttention, causal_linear_attention
+from tests.models.mixer_checks import (
+  check_causal_and_decoding,
+  check_one_line_error,
+  check_state_size_is_constant,
+  logits,
+  tokens,
+)
 
 B, T, H, D = 2, 11, 4, 8  # T = 11 is not a multiple of the chunk size 4.
 TINY = dict(vocab_size=37, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32)
@@ -176,21 +183,6 @@ def tiny(name, options, **kw):
   return ModelConfig(**{**TINY, "mixer": name, "mixer_options": options, **kw})
 
 
-def tokens(b=2, t=14, seed=0):
-  return jax.random.randint(jax.random.key(seed), (b, t), 0, 37, jnp.int32)
-
-
-@nnx.jit
-def logits(model, x, segment_ids=None):
-  return model(x, segment_ids_bt=segment_ids).logits
-
-
-@nnx.jit
-def decode(model, x, cache, index):
-  out = model(x, cache=cache, cache_index=index)
-  return out.logits, out.cache
-
-
 @pytest.mark.parametrize(("name", "options"), VARIANTS[:4], ids=IDS[:4])
 def test_encoder_padding_does_not_change_real_tokens(name, options):
   model = build_model(tiny(name, options, kind="encoder"))
@@ -204,26 +196,12 @@ def test_encoder_padding_does_not_change_real_tokens(name, options):
 @pytest.mark.parametrize(("name", "options"), VARIANTS, ids=IDS)
 def test_causal_and_decoding_equals_full_forward(name, options):
   """No future token leaks through the model, and prefill + one-token steps match the full pass."""
-  model = build_model(tiny(name, options))
-  x = tokens(t=14)
-  full = logits(model, x)
-  for t in (0, 6, 12):
-    changed = logits(model, x.at[:, t + 1].set((x[:, t + 1] + 1) % 37))
-    np.testing.assert_allclose(changed[:, : t + 1], full[:, : t + 1], atol=1e-6, rtol=0)
-    assert not np.allclose(changed[:, t + 1 :], full[:, t + 1 :])
-  out, cache = decode(model, x[:, :6], model.init_cache(batch=2, max_len=20), 0)  # Prefill.
-  steps = [out]
-  for t in range(6, 14):  # Then one token at a time.
-    out, cache = decode(model, x[:, t : t + 1], cache, jnp.int32(t))
-    steps.append(out)
-  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5, rtol=1e-5)
+  check_causal_and_decoding(build_model(tiny(name, options)), prefills=(6,))
 
 
 @pytest.mark.parametrize(("name", "options"), VARIANTS[:3], ids=IDS[:3])
 def test_recurrent_state_size_does_not_depend_on_max_len(name, options):
-  model = build_model(tiny(name, options))
-  shapes = lambda n: jax.tree.map(lambda a: a.shape, model.init_cache(batch=2, max_len=n))
-  assert shapes(16) == shapes(4096)
+  check_state_size_is_constant(build_model(tiny(name, options)))
 
 
 @pytest.mark.parametrize(
@@ -243,9 +221,7 @@ def test_recurrent_state_size_does_not_depend_on_max_len(name, options):
   ],
 )
 def test_bad_settings_raise_one_line_errors(name, options, match):
-  with pytest.raises(ValueError, match=match) as err:
-    build_model(tiny(name, options))
-  assert "\n" not in str(err.value)
+  check_one_line_error(lambda: build_model(tiny(name, options)), match)
 
 
 @pytest.mark.parametrize("fn", [causal_linear_attention, causal_efficient_attention])
