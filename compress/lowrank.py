@@ -10,10 +10,14 @@ Rank (give at most one; none means energy=0.9):
   energy          the smallest r keeping that fraction of Σσ² (of the whitened spectrum for asvd)
   param_fraction  the largest r with r(K + N) ≤ param_fraction · K · N (a parameter budget)
   rank            a fixed r (capped at min(K, N))
+  losparse  `svd` plus a sparse residual (LoSparse, Li et al. 2023, here post-training: no
+         iterative retraining): each output keeps the round(residual_density · K) largest entries
+         of W − ab, stored as values and row indices
 The energy rule depends on the weights' values while every layer of a stacked module must have the
 same shapes, so both methods are whole-model methods that run eagerly (float64 SVDs in numpy) and a
 stack gets the largest rank any of its layers asks for. Nothing can follow them (they replace the
-projection with a `LowRankLinear`). LoSparse (low rank + sparse residual) is not implemented.
+projection with a `LowRankLinear`). A layer whose factors would not be smaller than its K · N
+weights (a flat spectrum at a high energy) is left dense: its report row still names the method.
 """
 
 import jax.numpy as jnp
@@ -36,6 +40,34 @@ class LowRankLinear(CompressedLinear):
   @classmethod
   def weight(cls, arrays, static, k):
     return arrays["a"].astype(jnp.float32) @ arrays["b"].astype(jnp.float32)
+
+
+class LowRankSparseLinear(CompressedLinear):
+  """y = (x @ a) @ b + x @ S, S [K, N] holding `values` [c, N] at rows `rows` [c, N] per column."""
+
+  ARRAYS = {"a": ("in", None), "b": (None, "out"), "values": (None, "out"), "rows": (None, "out")}
+
+  @staticmethod
+  def _sparse(values, rows, k):
+    cols = jnp.broadcast_to(jnp.arange(values.shape[1]), values.shape)
+    return jnp.zeros((k, values.shape[1]), jnp.float32).at[rows, cols].set(values)
+
+  def matmul(self, x_mk):
+    a, b = self.a[...], self.b[...]
+    s = self._sparse(self.values[...], self.rows[...], self.in_features)
+    x = x_mk.astype(a.dtype)
+    return ((x @ a) @ b + x @ s.astype(a.dtype)).astype(self.dtype)
+
+  @classmethod
+  def weight(cls, arrays, static, k):
+    low = arrays["a"].astype(jnp.float32) @ arrays["b"].astype(jnp.float32)
+    return low + cls._sparse(arrays["values"].astype(jnp.float32), arrays["rows"], k)
+
+
+def sparse_residual(residual_kn: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+  """The `count` largest |entries| of each column: (values [c, N], row indices [c, N])."""
+  rows = np.argsort(-np.abs(residual_kn), axis=0, kind="stable")[:count]
+  return np.take_along_axis(residual_kn, rows, axis=0), rows.astype(np.int32)
 
 
 RANK_DEFAULTS = {"energy": None, "param_fraction": None, "rank": None}
@@ -88,7 +120,7 @@ def factors(parts, rank: int) -> tuple[np.ndarray, np.ndarray]:
   return unwhiten(u[:, :rank] * root), root[:, None] * vt[:rank]
 
 
-def _factorize(model, targets, calibration, settings, *, aware: bool):
+def _factorize(model, targets, calibration, settings, *, aware: bool, density: float = 0.0):
   manifest = []
   for t0 in targets:
     t = target_at(model, t0.path)  # A previous stage may have changed the weights.
@@ -101,15 +133,23 @@ def _factorize(model, targets, calibration, settings, *, aware: bool):
       svd_parts(w[i], None if x is None else x[i], settings.get("damp", 0.0)) for i in range(len(w))
     ]
     rank = max(choose_rank(p[1], k, n, settings) for p in parts)  # One shape per stack.
+    count = int(round(density * k))  # Residual entries per output.
+    if rank * (k + n) + 2 * count * n >= k * n:
+      continue  # Would not shrink the layer: leave it dense.
     ab = [factors(p, rank) for p in parts]
-    dtype = np.float32
     arrays = {
-      "a": np.stack([a for a, _ in ab]).astype(dtype),
-      "b": np.stack([b for _, b in ab]).astype(dtype),
+      "a": np.stack([a for a, _ in ab]).astype(np.float32),
+      "b": np.stack([b for _, b in ab]).astype(np.float32),
     }
+    cls = LowRankLinear
+    if count:
+      cls = LowRankSparseLinear
+      sparse = [sparse_residual(w[i] - a @ b, count) for i, (a, b) in enumerate(ab)]
+      arrays["values"] = np.stack([v for v, _ in sparse]).astype(np.float32)
+      arrays["rows"] = np.stack([r for _, r in sparse])
     if not t.lead:
       arrays = {key: v[0] for key, v in arrays.items()}
-    new = LowRankLinear(
+    new = cls(
       arrays,
       in_shape=t.in_shape,
       out_shape=t.out_shape,
@@ -149,3 +189,17 @@ def _svd(model, targets, calibration, settings):
 def _asvd(model, targets, calibration, settings):
   """SVD of the weights whitened by the calibration inputs' covariance (Cholesky)."""
   return _factorize(model, targets, calibration, settings, aware=True)
+
+
+@register(
+  "losparse",
+  stage="lowrank",
+  defaults={**RANK_DEFAULTS, "residual_density": 0.05},
+  checks={**RANK_CHECKS, "residual_density": number(0.0, 1.0, lo_open=True)},
+  per_layer=False,
+  validate=_validate,
+)
+def _losparse(model, targets, calibration, settings):
+  """Truncated SVD plus the largest entries of the residual, per output."""
+  density = settings["residual_density"]
+  return _factorize(model, targets, calibration, settings, aware=False, density=density)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from compress import apply_plan, make_plan
-from compress.lowrank import LowRankLinear, choose_rank, factors, svd_parts
+from compress.lowrank import LowRankLinear, LowRankSparseLinear, choose_rank, factors, svd_parts
 from compress.registry import METHODS
 from models import build_model
+from models.linear import Linear
 from tests.compress.common import CFG
 
 
@@ -68,10 +69,14 @@ def test_activation_aware_beats_plain_svd():
 def test_rules_replace_with_low_rank_layers():
   model = build_model(CFG)
   tokens = np.random.default_rng(0).integers(0, 64, (2, 16)).astype(np.int32)
-  w0 = np.asarray(model.layers.groups.blocks[0].mlp.up.kernel[...])  # [layers, 32, 85]
+  blocks = model.layers.groups.blocks
+  w0 = np.asarray(blocks[0].mlp.up.kernel[...])  # [layers, 32, 85]
+  w_down = np.asarray(blocks[0].mlp.down.kernel[...])  # [layers, 85, 32]
   rules = [
     {"path": r".*/blocks/0/mlp/up", "method": "svd", "settings": {"rank": 4}},
     {"path": r".*/blocks/1/mlp/down", "method": "asvd", "settings": {"param_fraction": 0.25}},
+    {"path": r".*/blocks/0/mlp/down", "method": "losparse", "settings": {"rank": 2}},
+    {"path": r".*/blocks/1/mlp/up", "method": "svd", "settings": {"energy": 1.0}},
   ]
   plan = make_plan(model, rules)
   # Calibration inputs as `capture_inputs` gives them ([layers, tokens, K]), random for speed.
@@ -86,7 +91,17 @@ def test_rules_replace_with_low_rank_layers():
   assert up.a.shape == (2, 32, 4) and up.b.shape == (2, 4, 85)
   assert down.a.shape == (2, 85, 5)  # floor(0.25 · 85 · 32 / 117) = 5
   assert up.a.get_metadata()["out_sharding"] == ("layers", "embed", None)
-  assert len(result.manifest) == 2
+  assert isinstance(blocks[1].mlp.up, Linear)  # full rank would not shrink it: left dense
+  assert len(result.manifest) == 3
+  # LoSparse: round(0.05 · 85) = 4 residual entries per output, the largest of W − ab.
+  sparse = blocks[0].mlp.down
+  assert isinstance(sparse, LowRankSparseLinear) and sparse.rows.shape == (2, 4, 32)
+  for i in range(2):
+    a, b = factors(svd_parts(w_down[i]), 2)
+    rest = np.sort(np.abs(w_down[i] - a @ b), axis=0)[:-4]  # what the residual leaves out
+    arrays = {k: getattr(sparse, k)[...][i] for k in ("a", "b", "values", "rows")}
+    w_hat = np.asarray(LowRankSparseLinear.weight(arrays, {}, 85))
+    np.testing.assert_allclose(np.linalg.norm(w_down[i] - w_hat), np.linalg.norm(rest), rtol=1e-4)
   for i in range(2):  # Each stacked layer: its own best rank-4 approximation.
     s = np.linalg.svd(w0[i], compute_uv=False)
     a, b = np.asarray(up.a[...][i]), np.asarray(up.b[...][i])
@@ -94,6 +109,10 @@ def test_rules_replace_with_low_rank_layers():
       np.linalg.norm(w0[i] - a @ b), np.sqrt(np.sum(s[4:] ** 2)), rtol=1e-4
     )
   x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 32)), jnp.float32)
+  one = {k: getattr(sparse, k)[...][1] for k in ("a", "b", "values", "rows")}
+  layer = LowRankSparseLinear(one, in_shape=(85,), out_shape=(32,))
+  x85 = jnp.asarray(np.random.default_rng(2).normal(size=(3, 85)), jnp.float32)
+  np.testing.assert_allclose(layer(x85), x85 @ layer.dense_weight(), rtol=1e-5, atol=1e-5)
   single = LowRankLinear({"a": up.a[...][0], "b": up.b[...][0]}, in_shape=(32,), out_shape=(85,))
   np.testing.assert_allclose(single(x), x @ single.dense_weight(), rtol=1e-5, atol=1e-5)
   assert np.isfinite(np.asarray(model(jnp.asarray(tokens)).logits)).all()
