@@ -15,9 +15,10 @@ Dispatch of top-k assignments ("dispatch" option):
             memory); tokens move by gather/scatter into [E, C, d] buffers rather than GShard's
             [tokens, E, C] dispatch einsum, whose memory is O(tokens²) and whose FLOPs grow with E.
   dropless  Token copies are sorted by expert and the experts run as one grouped matmul
-            (`grouped_matmul`, `jax.lax.ragged_dot` today; the hook for a Pallas kernel). Nothing
-            is dropped. XLA:CPU lowers ragged_dot to a dense product over every group (FLOPs grow
-            with E; measured in experiments/benchmarks/moe.py); a grouped kernel plugs in there.
+            (`grouped_matmul`): by default the Pallas ragged-matmul kernel on TPU/GPU and
+            `jax.lax.ragged_dot` elsewhere (option "grouped_matmul"). Nothing is dropped. XLA:CPU
+            lowers ragged_dot to a dense product over every group (FLOPs grow with E; measured in
+            experiments/benchmarks/moe.py).
 
 Semantics worth knowing:
   - Capacity depends on the number of tokens in the call, and assignments compete across the
@@ -50,7 +51,7 @@ from models.sharding import param
 
 ROUTINGS = ("topk", "expert_choice")
 DISPATCHES = ("capacity", "dropless")
-GROUPED_MATMULS = ("xla", "pallas")
+GROUPED_MATMULS = ("auto", "xla", "pallas")
 EXPERT_MLPS = ("swiglu", "gelu")
 DEFAULTS = dict(
   num_experts=8,
@@ -65,7 +66,7 @@ DEFAULTS = dict(
   z_loss_weight=1e-3,
   every=1,  # MoE in blocks with (index + 1) % every == 0, `dense_mlp` elsewhere (GLaM: 2).
   dense_mlp="swiglu",
-  grouped_matmul="xla",  # Dropless: "xla" (ragged_dot) or "pallas" (kernels_pallas, TPU/GPU).
+  grouped_matmul="auto",  # Dropless: "auto" (kernel on TPU/GPU), "xla" or "pallas"; see below.
 )
 SETTING = "model.mlp_options"
 
@@ -122,29 +123,55 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: flo
   return max(1, min(num_tokens, c))
 
 
+def _partitioned() -> bool:
+  """Whether the program is being partitioned automatically over more than one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return False
+  return any(mesh.shape[a] > 1 for a in mesh.axis_names if a not in mesh.manual_axes)
+
+
 def grouped_matmul(
-  x_md: jax.Array, w_gkn: jax.Array, group_sizes_g: jax.Array, implementation: str = "xla"
+  x_md: jax.Array, w_gkn: jax.Array, group_sizes_g: jax.Array, implementation: str = "auto"
 ) -> jax.Array:
   """Rows of x sorted by group times their group's matrix: y[r] = x[r] @ w[group(r)].
 
-  "xla" is `jax.lax.ragged_dot` (XLA:CPU computes it densely over every group); "pallas" is
-  `kernels_pallas.ragged_matmul` (the Pallas kernel on TPU/GPU, ragged_dot elsewhere). Rows past
-  sum(group_sizes) give 0.
+  Implementations:
+    "auto"    the Pallas kernel of `kernels_pallas.ragged_matmul` on TPU (Mosaic) and CUDA
+              (Triton), `jax.lax.ragged_dot` anywhere else, chosen per platform when the program
+              is lowered (`jax.lax.platform_dependent`); on CPU it is exactly "xla". ragged_dot is
+              also used everywhere for inputs the kernels do not take (dtypes other than
+              float32/bfloat16) and when the program is partitioned automatically over a mesh
+              (an active mesh with a non-manual axis of size > 1): XLA cannot partition a Mosaic
+              kernel, and the rows' global expert order does not split into per-device shards.
+    "xla"     `jax.lax.ragged_dot` everywhere (XLA:CPU computes it densely over every group).
+    "pallas"  the kernel API's own dispatch: the kernels on TPU/GPU, elsewhere its reference
+              (ragged_dot on float32 inputs at HIGHEST precision, cast back to x's dtype).
+  Rows past sum(group_sizes) give 0.
 
   Args:
     x_md: [rows, k], rows sorted by group.
-    w_gkn: [groups, k, n].
+    w_gkn: [groups, k, n], same dtype as x.
     group_sizes_g: int32 [groups], rows per group.
-    implementation: "xla" or "pallas".
+    implementation: "auto", "xla" or "pallas".
 
   Returns:
-    [rows, n].
+    [rows, n] in x's dtype.
   """
-  if implementation == "pallas":
-    from kernels_pallas.ragged_matmul.api import ragged_matmul
+  kernel_dtype = x_md.dtype == w_gkn.dtype and x_md.dtype in (jnp.float32, jnp.bfloat16)
+  if implementation == "xla" or (implementation == "auto" and (not kernel_dtype or _partitioned())):
+    return jax.lax.ragged_dot(x_md, w_gkn, group_sizes_g)
+  from kernels_pallas.ragged_matmul.api import ragged_matmul  # noqa: PLC0415
 
+  if implementation == "pallas":
     return ragged_matmul(x_md, w_gkn, group_sizes_g).astype(x_md.dtype)
-  return jax.lax.ragged_dot(x_md, w_gkn, group_sizes_g)
+
+  def kernel(backend):
+    return lambda x, w, sizes: ragged_matmul(x, w, sizes, implementation=backend)
+
+  return jax.lax.platform_dependent(
+    x_md, w_gkn, group_sizes_g, tpu=kernel("tpu"), cuda=kernel("gpu"), default=jax.lax.ragged_dot
+  )
 
 
 def load_balancing_loss(probs_ne: jax.Array, experts_nk: jax.Array) -> jax.Array:
@@ -174,7 +201,8 @@ class Experts(nnx.Module):
     dim: Model width d.
     hidden: Hidden width h of each expert.
     kind: "swiglu" (down(silu(gate x) * up x)) or "gelu" (down(gelu(up x + b) ) + b).
-    grouped_matmul: Implementation of the dropless path's grouped matmuls ("xla" / "pallas").
+    grouped_matmul: Implementation of the dropless path's grouped matmuls ("auto", "xla" or
+      "pallas"; see `grouped_matmul`).
     init_std, out_init_std: Initialiser stds of the input and output projections.
     dtype, param_dtype: Compute and storage dtypes.
     rngs: Random streams.
@@ -187,7 +215,7 @@ class Experts(nnx.Module):
     hidden: int,
     *,
     kind: str = "swiglu",
-    grouped_matmul: str = "xla",
+    grouped_matmul: str = "auto",
     init_std: float = 0.02,
     out_init_std: float = 0.02,
     dtype=jnp.float32,
@@ -256,7 +284,8 @@ class MoE(nnx.Module):
     normalize_gates: Renormalise the top-k gates to sum to 1, before capacity drops (with
       top_k=1 the gate is then 1 and the router learns only from the auxiliary losses).
     expert_mlp: "swiglu" or "gelu".
-    grouped_matmul: "xla" or "pallas" grouped matmuls for dropless dispatch.
+    grouped_matmul: "auto" (Pallas kernel on TPU/GPU, ragged_dot elsewhere), "xla" or "pallas"
+      grouped matmuls for dropless dispatch (see `grouped_matmul`).
     aux_loss_weight: Weight of the load-balancing loss.
     z_loss_weight: Weight of the router z-loss.
     init_std, out_init_std, dtype, param_dtype: As for `models.mlp.SwiGLU`; the router always
@@ -276,7 +305,7 @@ class MoE(nnx.Module):
     capacity_factor: float = 1.25,
     normalize_gates: bool = False,
     expert_mlp: str = "swiglu",
-    grouped_matmul: str = "xla",
+    grouped_matmul: str = "auto",
     aux_loss_weight: float = 0.01,
     z_loss_weight: float = 1e-3,
     init_std: float = 0.02,

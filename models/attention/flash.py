@@ -10,18 +10,29 @@ so no [T, S] matrix is stored in either direction. Blocks whose mask is empty fo
 (above the diagonal when causal, empty KV-cache slots, disjoint segments) are skipped with
 `lax.cond`. Grouped-query heads share a key block, so dK/dV sum over the query group.
 
-`implementation="pallas"` runs the fused Pallas kernels of `kernels_pallas.flash_attention` (same
-math, one kernel per pass) for calls without a KV cache: on TPU the Mosaic kernel, on CUDA the Mosaic
-GPU kernel (Hopper or newer, bfloat16), elsewhere (CPU) its jnp reference, chosen per platform when
-the program is lowered. With a KV cache (decoding) the XLA code below runs. `interpret=True` runs the
-TPU kernel in Pallas interpret mode instead (CPU tests).
+Implementations (option `implementation`) of calls without a KV cache; with a cache (decoding) the
+XLA code below always runs:
+  "auto"    (default) the fused Pallas kernels of `kernels_pallas.flash_attention` where there are
+            some, this file's blocked XLA code elsewhere, chosen per platform when the program is
+            lowered (`jax.lax.platform_dependent`, never by asking which device is live): the
+            Mosaic TPU kernel on TPU; on CUDA the Mosaic GPU kernel for bfloat16 (Hopper or newer)
+            and the XLA code for other dtypes; the XLA code on CPU, so one config runs unchanged
+            everywhere. The kernels use their per-backend default tiles (block_q/block_k size the
+            XLA blocks).
+  "xla"     this file's blocked XLA code on every platform.
+  "pallas"  the kernels' own dispatch with block_q/block_k as their tiles: TPU and GPU kernels as
+            above, elsewhere (CPU) the kernels' dense jnp reference (O(T^2) memory: a test oracle,
+            not a fallback). `interpret=True` runs the TPU kernel in Pallas interpret mode instead
+            (CPU tests).
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd as core_spmd
 
 from kernels_pallas.flash_attention import api as pallas_api
 from kernels_pallas.flash_attention.config import BlockSizes
@@ -35,7 +46,7 @@ from models.attention.blocks import (
 )
 from models.registry import MIXERS
 
-IMPLEMENTATIONS = ("xla", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
 def _slice(x: jax.Array | None, start, size: int) -> jax.Array | None:
@@ -185,15 +196,55 @@ def flash_attention(
   return out[:, :t].reshape(b, t, h, d)
 
 
+def kernel_specs(q: jax.Array, k: jax.Array):
+  """How the Pallas kernels run under the active mesh and logical sharding rules.
+
+  XLA cannot partition a Mosaic kernel, so inside a program partitioned automatically over a
+  mesh the kernels run under `jax.shard_map`, one call per device shard: the batch split as the
+  rules split "batch", the heads as they split "heads" when "kv_heads" is split the same way (so
+  every shard keeps whole query groups), the sequence whole; other mesh axes see replicas.
+
+  Returns:
+    True with no mesh axis to partition over; None if the rules split the sequence (the kernels
+    need it whole); else (mesh, automatic axis names, (q spec, k/v spec, segment-ids spec)).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return True
+  auto = frozenset(a for a in mesh.axis_names if a not in mesh.manual_axes and mesh.shape[a] > 1)
+  if not auto:
+    return True
+  rules = dict(core_spmd.get_logical_axis_rules() or ())
+
+  def split(name: str, *dims: int, taken=()) -> tuple[str, ...]:
+    target = rules.get(name)
+    target = (target,) if isinstance(target, str) else tuple(target or ())
+    target = tuple(a for a in target if a in auto and a not in taken)
+    size = math.prod(mesh.shape[a] for a in target)
+    return target if target and not any(d % size for d in dims) else ()
+
+  if split("seq", q.shape[1]):
+    return None
+  batch = split("batch", q.shape[0])
+  heads = split("heads", q.shape[2], k.shape[2], taken=batch)
+  if heads != split("kv_heads", q.shape[2], k.shape[2], taken=batch):
+    heads = ()
+  entry = lambda axes: None if not axes else axes[0] if len(axes) == 1 else axes
+  P = jax.sharding.PartitionSpec
+  qkv = P(entry(batch), None, entry(heads), None)
+  return mesh, auto, (qkv, qkv, P(entry(batch), None))
+
+
 class FlashAttention(Attention):
   """Exact softmax attention with a blocked online-softmax forward and a recomputing backward.
 
   Args:
     block_q: Query block size.
     block_k: Key/value block size.
-    implementation: "xla" (this file) or "pallas" (fused kernels, see the module docstring; the
-      blocks must then suit every kernel: block_q a multiple of 64, block_k of 128).
-    interpret: With "pallas": run the TPU kernel in interpret mode (for CPU tests; then block_q
+    implementation: "auto" (Pallas kernels on TPU/GPU, the XLA code elsewhere), "xla" (this file)
+      or "pallas" (the kernels' own dispatch; the blocks must then suit every kernel: block_q a
+      multiple of 64, block_k of 128). See the module docstring.
+    interpret: Only with "pallas": run the TPU kernel in interpret mode (for CPU tests; then block_q
       need only be a multiple of 8).
     **kwargs: As for `Attention`.
   """
@@ -203,7 +254,7 @@ class FlashAttention(Attention):
     *args,
     block_q: int = 128,
     block_k: int = 128,
-    implementation: str = "xla",
+    implementation: str = "auto",
     interpret: bool = False,
     **kwargs,
   ):
@@ -214,6 +265,11 @@ class FlashAttention(Attention):
       )
     if not isinstance(interpret, bool):
       raise ValueError(f"model.mixer_options.interpret={interpret!r} must be true or false")
+    if interpret and implementation != "pallas":
+      raise ValueError(
+        f"model.mixer_options.interpret=True needs implementation='pallas' for flash attention; "
+        f"got implementation={implementation!r}"
+      )
     self.block_q = check_positive("flash", "block_q", block_q)
     self.block_k = check_positive("flash", "block_k", block_k)
     if implementation == "pallas":
@@ -229,21 +285,57 @@ class FlashAttention(Attention):
     super().__init__(*args, **kwargs)
 
   def mix(self, q, k, v, *, segment_ids_bt=None, cache=None, cache_index=None):
-    if self.implementation != "pallas" or cache is not None:
+    if self.implementation == "xla" or cache is not None:
       return super().mix(
         q, k, v, segment_ids_bt=segment_ids_bt, cache=cache, cache_index=cache_index
       )
-    out = pallas_api.flash_attention(
-      q,
-      k,
-      v,
-      segment_ids=segment_ids_bt,
-      causal=self.causal,
-      block_sizes=BlockSizes(block_q=self.block_q, block_kv=self.block_k),
-      implementation="tpu" if self.interpret else "auto",
-      interpret=self.interpret,
-    )
-    return out, None
+    specs = kernel_specs(q, k)
+    if self.implementation == "pallas":
+      if specs is None:
+        raise ValueError(
+          "flash attention with implementation='pallas' cannot split the sequence over mesh axes "
+          "(the sharding rules map 'seq'); use implementation='auto' or 'xla'"
+        )
+      impl = "tpu" if self.interpret else "auto"
+      return self._kernel(q, k, v, segment_ids_bt, impl, specs), None
+    xla = lambda q, k, v: super(FlashAttention, self).mix(q, k, v, segment_ids_bt=segment_ids_bt)[0]
+    if specs is None:  # A split sequence needs the XLA code (it is partitioned automatically).
+      return xla(q, k, v), None
+    # The Mosaic GPU kernel takes bfloat16 only (kernels_pallas.flash_attention.gpu.supports).
+    on_cuda = xla
+    if q.dtype == jnp.bfloat16:
+      on_cuda = lambda *a: self._kernel(*a, segment_ids_bt, "gpu", specs)
+    on_tpu = lambda *a: self._kernel(*a, segment_ids_bt, "tpu", specs)
+    return jax.lax.platform_dependent(q, k, v, tpu=on_tpu, cuda=on_cuda, default=xla), None
+
+  def _kernel(self, q, k, v, segment_ids, implementation: str, specs) -> jax.Array:
+    """The Pallas kernels (the configured tiles with "pallas", each backend's default with
+    "auto"), per device shard when the program is partitioned over a mesh."""
+    blocks = None
+    if self.implementation == "pallas":
+      blocks = BlockSizes(block_q=self.block_q, block_kv=self.block_k)
+
+    def attend(q, k, v, segment_ids=None):
+      return pallas_api.flash_attention(
+        q,
+        k,
+        v,
+        segment_ids=segment_ids,
+        causal=self.causal,
+        block_sizes=blocks,
+        implementation=implementation,
+        interpret=self.interpret,
+      )
+
+    if specs is True:  # One device (or every mesh axis already manual): no partitioning.
+      return attend(q, k, v, segment_ids)
+    mesh, auto, (q_spec, kv_spec, seg_spec) = specs
+    args, in_specs = (q, k, v), (q_spec, kv_spec, kv_spec)
+    if segment_ids is not None:
+      args, in_specs = (*args, segment_ids), (*in_specs, seg_spec)
+    return jax.shard_map(
+      attend, mesh=mesh, in_specs=in_specs, out_specs=q_spec, axis_names=auto, check_vma=False
+    )(*args)
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo) -> jax.Array:
     return flash_attention(q, k, v, info, self.block_q, self.block_k)
@@ -251,6 +343,6 @@ class FlashAttention(Attention):
 
 @MIXERS.register("flash")
 def _flash_builder(cfg, *, causal: bool, rngs: nnx.Rngs) -> FlashAttention:
-  defaults = {"block_q": 128, "block_k": 128, "implementation": "xla", "interpret": False}
+  defaults = {"block_q": 128, "block_k": 128, "implementation": "auto", "interpret": False}
   options = mixer_options(cfg, "flash", defaults)
   return FlashAttention(**attention_kwargs(cfg, causal=causal, rngs=rngs), **options)

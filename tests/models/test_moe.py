@@ -1,6 +1,7 @@
 """Mixture of experts against its definition: dense mixture, capacity drops, losses, layouts."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +98,8 @@ def test_capacity_equals_dropless_when_nothing_is_dropped(top_k, normalize_gates
 def test_pallas_grouped_matmul_path_equals_ragged_dot():
   # On CPU the kernel API dispatches to its reference under its own custom VJP: this checks the
   # wiring (shapes, dtypes, gradients through the custom VJP), the kernels have their own tests.
-  xla, pallas = make(dispatch="dropless"), make(dispatch="dropless", grouped_matmul="pallas")
+  xla = make(dispatch="dropless", grouped_matmul="xla")
+  pallas = make(dispatch="dropless", grouped_matmul="pallas")
   x = inputs()
   np.testing.assert_allclose(pallas(x)[0], xla(x)[0], **TOL)
 
@@ -109,6 +111,60 @@ def test_pallas_grouped_matmul_path_equals_ragged_dot():
     jax.tree.leaves(nnx.grad(loss)(pallas)), jax.tree.leaves(nnx.grad(loss)(xla)), strict=True
   ):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_auto_grouped_matmul_is_ragged_dot_on_cpu(dtype):
+  """The default ("auto") is jax.lax.ragged_dot on CPU: outputs and gradients equal "xla" exactly,
+  also in bfloat16 (the kernel API's own CPU fallback would compute in float32)."""
+  auto = make(dispatch="dropless", dtype=dtype)
+  assert auto.experts.grouped_impl == "auto"
+  xla = make(dispatch="dropless", grouped_matmul="xla", dtype=dtype)
+  x = inputs().astype(dtype)
+
+  def value_and_grads(model):
+    def loss(model):
+      out, aux = model(x)
+      return jnp.sum(out.astype(jnp.float32) ** 2) + aux
+
+    return nnx.jit(nnx.value_and_grad(loss))(model)
+
+  (got, got_grads), (want, want_grads) = value_and_grads(auto), value_and_grads(xla)
+  np.testing.assert_array_equal(got, want)
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_auto_grouped_matmul_exports_the_kernels_for_tpu_only():
+  """Lowered for TPU, the dropless MoE's forward and gradient run the Pallas ragged-matmul kernels
+  (forward, d lhs, d rhs); lowered for CPU there is no kernel (ragged_dot)."""
+  graphdef, state = nnx.split(make(dispatch="dropless"))
+  x = inputs()
+
+  def loss(state):
+    out, aux = nnx.merge(graphdef, state)(x)
+    return jnp.sum(out**2) + aux
+
+  def lowered(platform):
+    return jax.export.export(jax.jit(jax.value_and_grad(loss)), platforms=[platform])(state)
+
+  names = re.findall(r'kernel_name = "(ragged_matmul\w*)"', lowered("tpu").mlir_module())
+  # 3 grouped matmuls (gate, up, down): a forward and a d rhs kernel each, and a d lhs kernel
+  # only for the down projection (the gate/up inputs are token copies, not parameters).
+  assert (
+    sorted(names) == ["ragged_matmul"] * 3 + ["ragged_matmul_dlhs"] + ["ragged_matmul_drhs"] * 3
+  )
+  assert "custom_call" not in lowered("cpu").mlir_module()
+  # Partitioned over a mesh (data parallel on 2 devices), "auto" keeps ragged_dot: XLA cannot
+  # partition the kernel.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+
+  def partitioned(state):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return jax.value_and_grad(loss)(state)
+
+  text = jax.jit(partitioned).trace(state).lower(lowering_platforms=("tpu",)).as_text()
+  assert "tpu_custom_call" not in text and "ragged_dot" in text
 
 
 def _hand_router(moe, rows):
@@ -260,6 +316,7 @@ def test_num_layers_must_fill_whole_groups():
     ({"normalize_gates": 1}, r"normalize_gates=1 is not allowed"),
     ({"every": 0}, r"every=0 is not allowed"),
     ({"dense_mlp": "moe"}, r"dense_mlp='moe' is not allowed"),
+    ({"grouped_matmul": "triton"}, r"grouped_matmul='triton' is not allowed .* auto, xla, pallas"),
     ({"experts": 4}, r"model\.mlp_options\.experts is not a setting of MLP 'moe'"),
   ],
 )

@@ -3,6 +3,7 @@ forward and gradients, masks, GQA, causality and KV-cache decoding through the m
 errors, and a compiled-memory check."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -200,6 +201,7 @@ def test_model_equals_dense_model(name, kind):
     ("flash", dict(implementation="pallas", block_k=64), "block_k"),
     ("flash", dict(implementation="pallas", interpret=True, block_q=12), "block_q"),
     ("flash", dict(implementation="pallas", interpret="yes"), "interpret"),
+    ("flash", dict(interpret=True), "interpret"),  # Interpret mode needs implementation='pallas'.
   ],
 )
 def test_bad_settings_raise_one_line_errors(name, options, key):
@@ -284,3 +286,115 @@ def test_pallas_flash_auto_lowers_to_the_tpu_kernel():
   traced = jax.jit(jax.grad(loss)).trace(state, tokens(16))
   assert traced.lower(lowering_platforms=("tpu",)).as_text().count("tpu_custom_call") == 3
   assert "custom_call" not in traced.lower().as_text()
+
+
+def test_flash_auto_equals_xla_on_cpu():
+  """implementation='auto' (the default) lowers to the blocked XLA code on CPU: logits and parameter
+  gradients equal implementation='xla' bit for bit (packed segments)."""
+  assert mixer("flash").implementation == "auto"
+  cfg = tiny("flash")
+  xla_cfg = dataclasses.replace(cfg, mixer_options={**OPTIONS["flash"], "implementation": "xla"})
+  model = build_model(cfg)
+  xla = nnx.merge(nnx.graphdef(build_model(xla_cfg)), nnx.state(model))
+  x = tokens(13)
+  seg = jnp.asarray([[1] * 6 + [2] * 5 + [0] * 2, [1] * 13], jnp.int32)
+
+  def value_and_grads(m):
+    graphdef, state = nnx.split(m)
+    loss = lambda state: nnx.merge(graphdef, state)(x, segment_ids_bt=seg).logits.sum()
+    return jax.jit(jax.value_and_grad(loss))(state)
+
+  (got, got_grads), (want, want_grads) = value_and_grads(model), value_and_grads(xla)
+  np.testing.assert_array_equal(got, want)
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_flash_auto_exports_the_kernels_for_tpu_and_xla_code_for_cpu():
+  """`jax.export` of the default (auto) flash model: for TPU the forward holds the Mosaic forward
+  kernel and the gradient the three kernels; for CPU there is no kernel at all."""
+  model = build_model(tiny("flash"))
+  graphdef, state = nnx.split(model)
+  x = tokens(16)
+
+  def forward(state, x):
+    return nnx.merge(graphdef, state)(x).logits
+
+  def grads(state, x):
+    return jax.grad(lambda s: forward(s, x).sum())(state)
+
+  def export(fn, platform):
+    return jax.export.export(jax.jit(fn), platforms=[platform])(state, x).mlir_module()
+
+  names = lambda text: sorted(re.findall(r'kernel_name = "(flash_attention_\w+)"', text))
+  assert names(export(forward, "tpu")) == ["flash_attention_fwd"]
+  assert names(export(grads, "tpu")) == [
+    "flash_attention_dkv", "flash_attention_dq", "flash_attention_fwd"
+  ]  # fmt: skip
+  for fn in (forward, grads):
+    assert "custom_call" not in export(fn, "cpu")
+
+
+SPLIT = (("batch", "data"), ("heads", "tensor"), ("kv_heads", "tensor"))
+
+
+MESH_AXES = ("data", "tensor")
+
+
+def sharded(fn, rules):
+  """jit(fn) under a (data 2, tensor 2) mesh of CPU devices with logical sharding rules, as
+  parallel/ traces a training step, its [batch, seq, heads, d] inputs split as the rules say."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), MESH_AXES)
+  table = dict(rules)
+  spec = jax.sharding.PartitionSpec(*(table.get(n) for n in ("batch", "seq", "heads")))
+
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(rules):
+      return fn(*args)
+
+  jitted = jax.jit(wrapped)
+  place = lambda args: [jax.device_put(a, jax.sharding.NamedSharding(mesh, spec)) for a in args]
+  run = lambda *args: jitted(*place(args))
+  run.trace = lambda *args: jitted.trace(*place(args))
+  return run
+
+
+def test_flash_kernels_run_per_shard_under_a_mesh():
+  """XLA cannot partition a Mosaic kernel: under a mesh the kernels run in a shard_map over the
+  batch and whole query groups of heads. The TPU lowering of forward + gradient then holds the
+  three kernels, and the interpreted TPU kernel per shard equals the unsharded XLA code."""
+  (q, k, v), ct, info = inputs(2, jnp.float32, True, True)
+
+  def forward_and_grads(layer):
+    def run(q, k, v):
+      out, vjp = jax.vjp(lambda *a: layer.mix(*a, segment_ids_bt=info.q_seg)[0], q, k, v)
+      return out, vjp(ct)
+
+    return run
+
+  traced = sharded(forward_and_grads(mixer("flash", num_kv_heads=2)), SPLIT).trace(q, k, v)
+  text = traced.lower(lowering_platforms=("tpu",)).as_text()
+  assert sorted(re.findall(r'kernel_name = "(flash_attention_\w+)"', text)) == [
+    "flash_attention_dkv", "flash_attention_dq", "flash_attention_fwd"
+  ]  # fmt: skip
+  got = sharded(forward_and_grads(mixer("flash", num_kv_heads=2, **PALLAS)), SPLIT)(q, k, v)
+  want = forward_and_vjp(lambda *a: mixer("flash", num_kv_heads=2).attend(*a, info), (q, k, v), ct)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert_close(a, b, 1e-5, T * HEADS)
+
+
+def test_flash_with_a_split_sequence_uses_the_xla_code():
+  """The kernels need the whole sequence: if the rules split it, "auto" lowers to the XLA code
+  (which XLA partitions) and "pallas" raises a one-line error."""
+  (q, k, v), _, _ = inputs(2, jnp.float32, False, True, t=24)  # The sequence splits in 2.
+  rules = (("batch", "data"), ("seq", "tensor"))
+  attend = lambda layer: lambda *a: layer.mix(*a)[0]
+  text = (
+    sharded(attend(mixer("flash", num_kv_heads=2)), rules)
+    .trace(q, k, v)
+    .lower(lowering_platforms=("tpu",))
+  )
+  assert "tpu_custom_call" not in text.as_text()
+  with pytest.raises(ValueError, match="cannot split the sequence") as err:
+    sharded(attend(mixer("flash", num_kv_heads=2, **PALLAS)), rules).trace(q, k, v)
+  assert "\n" not in str(err.value)
