@@ -4,32 +4,85 @@
       [--config.train.steps=500 --config.model.num_layers=2 ...]
 
 Rerunning the same command resumes from the last checkpoint in --workdir.
+
+Plan a TPU run on this (CPU-only) machine: compile the real train step for a slice and print
+per-device memory (fits in HBM?), XLA's estimated step time and MFU, and the collective bytes:
+
+  JAX_PLATFORMS=cpu python -m experiments.train --config=experiments/configs/mqar.py \
+      --compile_only --topology=v5e-16 --config.parallel.fsdp=-1 --config.parallel.data=1
 """
+
+import json
+import os
 
 from absl import flags
 
 from experiments import cli
 
 cli.define_config_flag()
-cli.define_workdir_flag()
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, reports).")
 flags.DEFINE_integer("sample_tokens", 48, "Tokens to generate from an eval prompt after training.")
 flags.DEFINE_bool(
   "multihost",
   False,
-  "Call jax.distributed.initialize() first (multi-host TPU slices, GPU clusters); the coordinator "
-  "and process ids come from the environment (TPU metadata, SLURM, JAX_COORDINATOR_ADDRESS, ...).",
+  "Join a multi-process job first (jax.distributed): multi-host TPU slices, GPU clusters, or "
+  "several local CPU processes. Unset --coordinator_address/--num_processes/--process_id come "
+  "from the environment (JAX_COORDINATOR_ADDRESS, ..., TPU metadata, SLURM).",
 )
+flags.DEFINE_string("coordinator_address", None, "With --multihost: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "With --multihost: processes in the job.")
+flags.DEFINE_integer("process_id", None, "With --multihost: this process's index.")
+flags.DEFINE_integer(
+  "heartbeat_timeout",
+  100,
+  "With --multihost: seconds without a peer's heartbeat before the job stops with an error.",
+)
+flags.DEFINE_bool(
+  "compile_only",
+  False,
+  "Compile the train step ahead of time for --topology and report memory, estimated step time "
+  "and MFU and collective bytes; trains nothing (needs the libtpu wheel, no TPU).",
+)
+flags.DEFINE_string("topology", None, "TPU slice for --compile_only, e.g. v5e-16, v5p-8, v5e:4x4.")
+flags.DEFINE_bool("estimate", True, "With --compile_only: also estimate step time and MFU.")
 FLAGS = flags.FLAGS
+
+
+def plan(config, topology: str, workdir: str | None, estimate: bool) -> None:
+  """--compile_only: print (and, with a workdir, save) the ahead-of-time compile report."""
+  from training import aot
+
+  report = aot.compile_only(config, topology, estimate=estimate)
+  print(aot.format_plan(report))
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, f"compile_only_{report['topology'].replace(':', '_')}.json")
+    with open(path, "w") as f:
+      json.dump(report, f, indent=2, sort_keys=True)
 
 
 @cli.one_line_errors
 def main(argv):
   del argv
+  if FLAGS.compile_only:
+    if not FLAGS.topology:
+      raise ValueError("--compile_only needs --topology (a TPU slice such as v5e-16 or v5e:4x4)")
+    plan(FLAGS.config, FLAGS.topology, FLAGS.workdir, FLAGS.estimate)
+    return
+  if not FLAGS.workdir:
+    raise ValueError("--workdir is required to train (a run directory for checkpoints and logs)")
   # Imported here so `--help` and flag errors do not pay for JAX start-up.
   import jax
 
   if FLAGS.multihost:
-    jax.distributed.initialize()
+    from parallel import distributed
+
+    distributed.initialize(
+      FLAGS.coordinator_address,
+      FLAGS.num_processes,
+      FLAGS.process_id,
+      heartbeat_timeout=FLAGS.heartbeat_timeout,
+    )
   from experiments import showcase
   from metrics import format_report
   from training import train_and_evaluate
@@ -38,8 +91,10 @@ def main(argv):
   if result.preempted:
     print(f"preempted at step {result.step}; checkpoint saved. Rerun the command to resume.")
     return
+  if jax.process_index() != 0:
+    return  # Process 0 speaks for a multi-process job.
   print("\n" + "\n".join(f"{k}: {v:.4f}" for k, v in result.eval.items()))
-  if FLAGS.sample_tokens and jax.process_index() == 0:
+  if FLAGS.sample_tokens:
     print("\n" + showcase.sample_from_run(FLAGS.workdir, FLAGS.sample_tokens))
   print("\nEfficiency report (also in efficiency_report.json):\n" + format_report(result.report))
 

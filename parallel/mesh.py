@@ -1,9 +1,11 @@
 """A named device mesh from the `parallel` config section.
 
 Axes (outermost first): data, fsdp, tensor, pipeline, expert. A size of -1 means "all remaining
-devices"; at most one axis may use it. The batch is split over data (and fsdp) axes.
+devices"; at most one axis may use it. Which logical axes each mesh axis splits (and so how the
+batch is split) is chosen by the `parallel.rules` preset (`parallel.rules`).
 """
 
+import contextlib
 import math
 
 import jax
@@ -15,8 +17,50 @@ AXES = ("data", "fsdp", "tensor", "pipeline", "expert")
 
 
 def get_default_config() -> ml_collections.ConfigDict:
-  """Defaults for the `parallel` section: pure data parallelism over every device."""
-  return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "pipeline": 1, "expert": 1})
+  """Defaults for the `parallel` section: pure data parallelism over every device.
+
+  Fields besides the axis sizes:
+    rules: Logical-axis rules preset (`parallel.rules.PRESETS`), or "auto" for the roles of every
+      axis of size > 1.
+    warn_replicated_mb: Warn about parameters at least this large left replicated by a
+      parameter-sharding strategy (0 disables).
+    pipeline_microbatches: Microbatches per step when pipeline > 1 (0: as many as stages).
+    pipeline_schedule: "gpipe" or "circular" (interleaved stages, smaller bubble).
+    pipeline_repeats: Laps of the circular schedule (layer chunks per device).
+    expert_dispatch: With expert > 1: "all_to_all" (parallel.experts: tokens exchanged by
+      all-to-all, capacity per expert-parallel group) or "spmd" (the model's own dispatch,
+      partitioned by XLA from the rules).
+    offload_opt_state: Keep the optimizer state in host memory ("pinned_host" memory kind)
+      between steps, where the backend has it.
+  """
+  return ml_collections.ConfigDict(
+    {
+      "data": -1,
+      "fsdp": 1,
+      "tensor": 1,
+      "pipeline": 1,
+      "expert": 1,
+      "rules": "auto",
+      "warn_replicated_mb": 4.0,
+      "pipeline_microbatches": 0,
+      "pipeline_schedule": "gpipe",
+      "pipeline_repeats": 2,
+      "expert_dispatch": "all_to_all",
+      "offload_opt_state": False,
+    }
+  )
+
+
+# Settings of the `parallel` section that are not mesh axes.
+SETTINGS = (
+  "rules",
+  "warn_replicated_mb",
+  "pipeline_microbatches",
+  "pipeline_schedule",
+  "pipeline_repeats",
+  "expert_dispatch",
+  "offload_opt_state",
+)
 
 
 def mesh_shape(cfg, num_devices: int) -> dict[str, int]:
@@ -33,9 +77,11 @@ def mesh_shape(cfg, num_devices: int) -> dict[str, int]:
     ValueError: On unknown axes, bad sizes or a product that is not the device count.
   """
   sizes = {axis: int(cfg.get(axis, 1)) for axis in AXES}
-  unknown = sorted(set(cfg.keys()) - set(AXES))
+  unknown = sorted(set(cfg.keys()) - set(AXES) - set(SETTINGS))
   if unknown:
-    raise ValueError(f"parallel.{unknown[0]} is not a mesh axis; choose from: {', '.join(AXES)}")
+    raise ValueError(
+      f"parallel.{unknown[0]} is not a parallel setting; choose from: {', '.join(AXES + SETTINGS)}"
+    )
   auto = [axis for axis, n in sizes.items() if n == -1]
   for axis, n in sizes.items():
     if n == 0 or n < -1:
@@ -61,9 +107,13 @@ def make_mesh(cfg, devices=None) -> Mesh:
   """Builds the mesh over `devices` (default: all devices) from the `parallel` config."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(cfg, len(devices))
-  return Mesh(np.asarray(devices).reshape(tuple(sizes.values())), tuple(sizes))
+  shape = tuple(sizes.values())
+  grid = np.asarray(devices).reshape(shape)
+  if devices[0].platform == "tpu":
+    # Neighbouring mesh coordinates on neighbouring chips of the torus.
+    from jax.experimental import mesh_utils
 
-
-def batch_axes() -> tuple[str, ...]:
-  """Mesh axes the batch dimension is split over."""
-  return ("data", "fsdp")
+    # Shapes the helper cannot map keep the plain device order.
+    with contextlib.suppress(ValueError, NotImplementedError, AssertionError):
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  return Mesh(grid, tuple(sizes))

@@ -4,6 +4,8 @@
 or anything is compiled, so a bad flag fails in a second with a one-line message.
 """
 
+import math
+
 import ml_collections
 
 import data as data_lib
@@ -11,6 +13,7 @@ from metrics import report as report_lib
 from models.config import ModelConfig
 from models.config import get_default_config as model_defaults
 from parallel import mesh as mesh_lib
+from parallel import rules as rules_lib
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -151,7 +154,8 @@ def validate_experiment(cfg: ml_collections.ConfigDict, *, num_devices: int = 1)
       f"model.kind='decoder' needs data.objective='causal', got {cfg.data.objective!r}"
     )
   sizes = mesh_lib.mesh_shape(cfg.parallel, num_devices)
-  batch_shards = sizes["data"] * sizes["fsdp"]
+  rules = rules_lib.validate(cfg.parallel, model, sizes)
+  batch_shards = math.prod(sizes[a] for a in rules_lib.batch_axes(rules))
   micro = cfg.data.batch_size // t.grad_accum_steps
   if cfg.data.batch_size % t.grad_accum_steps:
     raise ValueError(
@@ -163,4 +167,17 @@ def validate_experiment(cfg: ml_collections.ConfigDict, *, num_devices: int = 1)
       f"the microbatch of {micro} sequences (data.batch_size / train.grad_accum_steps) does not "
       f"split over {batch_shards} data-parallel devices; use a multiple of {batch_shards}"
     )
+  if cfg.parallel.get("offload_opt_state", False) and t.steps_per_call > 1:
+    raise ValueError(
+      f"parallel.offload_opt_state=True needs train.steps_per_call=1 (got {t.steps_per_call}): "
+      "the state moves between host and device once per call"
+    )
+  if sizes["pipeline"] > 1:
+    stages = rules_lib.pipeline_microbatches(cfg.parallel, sizes)
+    if micro % (stages * batch_shards):
+      raise ValueError(
+        f"the microbatch of {micro} sequences does not split into "
+        f"parallel.pipeline_microbatches={stages} pipeline microbatches over {batch_shards} "
+        f"data-parallel devices; use a multiple of {stages * batch_shards}"
+      )
   return model

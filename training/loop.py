@@ -29,7 +29,12 @@ from metrics.params import active_params
 from models import build_model
 from models.config import ModelConfig
 from models.moe import expert_usage
+from parallel import comm as comm_lib
+from parallel import distributed as distributed_lib
+from parallel import experts as experts_lib
 from parallel import mesh as mesh_lib
+from parallel import pipeline as pipeline_lib
+from parallel import rules as rules_lib
 from training import config as config_lib
 from training.checkpoint import Checkpointer
 from training.optim import build_optimizer, learning_rate_schedule
@@ -61,11 +66,12 @@ def run_meta(model_cfg: ModelConfig, dataset) -> dict[str, Any]:
   return {"model": model_cfg.to_dict(), "tokenizer": _tokenizer_meta(dataset)}
 
 
-def init_state(model_cfg: ModelConfig, train_cfg, *, seed: int):
+def init_state(model_cfg: ModelConfig, train_cfg, *, seed: int, shardings=None):
   """Builds the model and a fresh TrainState; returns (graphdef, state, optimizer).
 
   Initialisation runs as one compiled program: faster than op-by-op eager creation, and the
-  parameters are never materialised twice.
+  parameters are never materialised twice. With `shardings` (a TrainState of shardings, see
+  `placement`) each device creates only its own shards.
   """
   box = {}
 
@@ -76,8 +82,135 @@ def init_state(model_cfg: ModelConfig, train_cfg, *, seed: int):
     box["graphdef"], box["tx"] = graphdef, tx
     return TrainState.create(params, tx)
 
-  state = jax.jit(make)()
+  placed = {} if shardings is None else {"out_shardings": shardings}
+  state = jax.jit(make, **placed)()
   return box["graphdef"], state, box["tx"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where a run's state and batches live.
+
+  Attributes:
+    mesh: The device mesh.
+    rules: The logical-axis rules table (`parallel.rules`).
+    specs: PartitionSpec per parameter (pure-dict layout).
+    state: NamedSharding per TrainState leaf (optimizer state mirrors the parameters).
+    batch: Sharding of a [batch, ...] array.
+    abstract: The TrainState's shapes and dtypes.
+    pipeline: Pipeline schedule settings (microbatches, schedule, repeats) when the mesh has a
+      pipeline axis, else None.
+    expert_all_to_all: Whether MoE layers run `parallel.experts` all-to-all dispatch.
+    opt_state_device: With the optimizer state offloaded to host memory, its shardings on the
+      devices (where the update runs); else None.
+  """
+
+  mesh: Any
+  rules: Any
+  specs: Any
+  state: Any
+  batch: Any
+  abstract: Any
+  pipeline: dict | None = None
+  expert_all_to_all: bool = False
+  opt_state_device: Any = None
+
+  @property
+  def stacked_batch(self):
+    """Sharding of several batches stacked on a new leading axis."""
+    return NamedSharding(self.mesh, P(None, *self.batch.spec))
+
+
+def placement(model_cfg: ModelConfig, train_cfg, parallel_cfg, mesh) -> Placement:
+  """Resolves the `parallel.rules` preset into shardings for the state and the batches."""
+  _, abstract, tx = abstract_state(model_cfg, train_cfg)
+  logical = rules_lib.logical_axes(nnx.state(nnx.eval_shape(lambda: build_model(model_cfg))))
+  rules = rules_lib.get_rules(parallel_cfg.get("rules", rules_lib.AUTO), dict(mesh.shape))
+  specs = rules_lib.param_specs(logical, abstract.params, rules, mesh.shape)
+  offload = bool(parallel_cfg.get("offload_opt_state", False))
+  if offload:
+    rules_lib.check_offload(mesh)
+  shardings = rules_lib.state_shardings(abstract, specs, tx, mesh, offload_opt_state=offload)
+  on_device = rules_lib.state_shardings(abstract, specs, tx, mesh) if offload else None
+  batch = NamedSharding(mesh, P(rules_lib.batch_axes(rules) or None))
+  pipeline = None
+  if mesh.shape["pipeline"] > 1:
+    pipeline = {
+      "microbatches": rules_lib.pipeline_microbatches(parallel_cfg, mesh.shape),
+      "schedule": parallel_cfg.get("pipeline_schedule", "gpipe"),
+      "repeats": parallel_cfg.get("pipeline_repeats", 1),
+    }
+  return Placement(
+    mesh=mesh,
+    rules=rules,
+    specs=specs,
+    state=shardings,
+    batch=batch,
+    abstract=abstract,
+    pipeline=pipeline,
+    expert_all_to_all=mesh.shape["expert"] > 1
+    and parallel_cfg.get("expert_dispatch", "all_to_all") == "all_to_all",
+    opt_state_device=None if on_device is None else on_device.opt_state,
+  )
+
+
+def model_forward(place: Placement):
+  """The train/eval forward `(model, inputs) -> ModelOutput` for `place`, or None for the
+  model's own call: pipelined layers and/or all-to-all expert dispatch when the mesh has them."""
+  if place.pipeline is None and not place.expert_all_to_all:
+    return None
+
+  def forward(model, inputs):
+    if place.expert_all_to_all:
+      experts_lib.use_expert_parallel(model, place.mesh)
+    if place.pipeline is not None:  # Layers run as pipeline stages (shard_map + ppermute).
+      return pipeline_lib.decoder_forward(model, inputs, mesh=place.mesh, **place.pipeline)
+    return model(inputs)
+
+  return forward
+
+
+def jit_steps(graphdef, tx, place: Placement, train_cfg):
+  """The jitted train step (`train_cfg.steps_per_call` steps per call) and eval step.
+
+  Both take and return arrays placed by `place`; the train step donates its state. Activation
+  constraints inside the model resolve through `place.rules`.
+  """
+  k = train_cfg.steps_per_call
+  forward = model_forward(place)
+  train_step = make_train_step(
+    graphdef,
+    tx,
+    grad_accum_steps=train_cfg.grad_accum_steps,
+    nonfinite=train_cfg.nonfinite,
+    grad_shardings=place.state.params,
+    forward=forward,
+    opt_state_offload=(
+      None if place.opt_state_device is None else (place.opt_state_device, place.state.opt_state)
+    ),
+  )
+  replicated = NamedSharding(place.mesh, P())
+  step_fn = jax.jit(
+    rules_lib.with_rules(make_multi_step(train_step, k), place.mesh, place.rules),
+    in_shardings=(place.state, place.stacked_batch if k > 1 else place.batch),
+    out_shardings=(place.state, replicated),
+    donate_argnums=0,
+  )
+  eval_fn = jax.jit(
+    rules_lib.with_rules(make_eval_step(graphdef, forward), place.mesh, place.rules),
+    in_shardings=(place.state.params, place.batch),
+    out_shardings=replicated,
+  )
+  return step_fn, eval_fn
+
+
+def parallel_summary(place: Placement) -> dict[str, Any]:
+  """The mesh, the rules and the per-device bytes of parameters and optimizer state."""
+  return {
+    "mesh": {axis: int(n) for axis, n in place.mesh.shape.items()},
+    "rules": {name: target for name, target in place.rules if target is not None},
+    **rules_lib.placement_summary(place.abstract, place.state),
+  }
 
 
 def evaluate(eval_fn, params, batches, bytes_per_token: float | None) -> dict[str, float]:
@@ -152,9 +285,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
   os.makedirs(workdir, exist_ok=True)
   _say(is_chief, f"data: {dataset.describe()}")
 
-  graphdef, state, tx = init_state(model_cfg, tc, seed=tc.seed)
-  replicated = NamedSharding(mesh, P())
-  state = jax.device_put(state, replicated)
+  place = placement(model_cfg, tc, cfg.parallel, mesh)
+  rules_lib.check_replicated(
+    place.abstract.params, place.specs, place.rules, cfg.parallel.warn_replicated_mb
+  )
+  graphdef, state, tx = init_state(model_cfg, tc, seed=tc.seed, shardings=place.state)
   meta = run_meta(model_cfg, dataset)
   ckpt = Checkpointer(
     workdir,
@@ -169,15 +304,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
   if is_chief:  # Only once the workdir is known to hold this model (or nothing).
     _write_config(cfg, workdir)
 
-  batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes()))
+  batch_sharding = place.batch
   k = tc.steps_per_call
-  stacked_sharding = NamedSharding(mesh, P(None, mesh_lib.batch_axes()))
+  stacked_sharding = place.stacked_batch
 
   def to_device(batch, sharding=batch_sharding):
-    return {
-      key: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-      for key, v in batch.items()
-    }
+    return distributed_lib.global_batch(batch, sharding)
 
   def train_batches(first_step: int):
     """The batches of steps [first_step, first_step + k), stacked when k > 1."""
@@ -188,11 +320,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
       {key: np.stack([b[key] for b in batches]) for key in batches[0]}, stacked_sharding
     )
 
-  train_step = make_train_step(
-    graphdef, tx, grad_accum_steps=tc.grad_accum_steps, nonfinite=tc.nonfinite
-  )
-  step_fn = jax.jit(make_multi_step(train_step, k), donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(graphdef))
+  step_fn, eval_fn = jit_steps(graphdef, tx, place, tc)
   example = train_batches(start_step)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, example).compile()
@@ -268,6 +396,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
       energy,
       peak,
       last_eval,
+      parallel=parallel_summary(place),
     )
     if is_chief:
       metrics_lib.write_report(report, os.path.join(workdir, "efficiency_report.json"))
@@ -330,6 +459,24 @@ def _show(bar, step: int, scalars: dict[str, float], eval_: bool = False) -> Non
     )
 
 
+def analytic_flops_per_token(model_cfg: ModelConfig, seq_len: int) -> dict | None:
+  """`metrics.transformer_flops_per_token` for dense-attention transformers, else None."""
+  if set(model_cfg.mixer_pattern) != {"dense"} or model_cfg.mlp not in ("swiglu", "gelu"):
+    return None
+  return metrics_lib.transformer_flops_per_token(
+    num_layers=model_cfg.num_layers,
+    d_model=model_cfg.d_model,
+    num_heads=model_cfg.num_heads,
+    num_kv_heads=model_cfg.num_kv_heads,
+    head_dim=model_cfg.resolved_head_dim,
+    mlp_dim=model_cfg.mlp_dim,
+    mlp_kind=model_cfg.mlp,
+    vocab_size=model_cfg.vocab_size,
+    seq_len=seq_len,
+    causal=model_cfg.kind == "decoder",
+  )
+
+
 def _report(
   cfg,
   model_cfg,
@@ -342,24 +489,12 @@ def _report(
   energy,
   peak,
   last_eval,
+  parallel=None,
 ):
   n_params = metrics_lib.count_params(state.params)
   usage = expert_usage(model_cfg)  # Experts per token for MoE models: fewer active parameters.
   n_active = n_params if usage is None else active_params(state.params, **usage)
-  analytic = None
-  if set(model_cfg.mixer_pattern) == {"dense"} and model_cfg.mlp in ("swiglu", "gelu"):
-    analytic = metrics_lib.transformer_flops_per_token(
-      num_layers=model_cfg.num_layers,
-      d_model=model_cfg.d_model,
-      num_heads=model_cfg.num_heads,
-      num_kv_heads=model_cfg.num_kv_heads,
-      head_dim=model_cfg.resolved_head_dim,
-      mlp_dim=model_cfg.mlp_dim,
-      mlp_kind=model_cfg.mlp,
-      vocab_size=model_cfg.vocab_size,
-      seq_len=cfg.data.seq_len,
-      causal=model_cfg.kind == "decoder",
-    )
+  analytic = analytic_flops_per_token(model_cfg, cfg.data.seq_len)
   # Drop the first window (it absorbs first-call overheads) when there are enough.
   timed = step_seconds[1:] if len(step_seconds) > 2 else step_seconds
   return metrics_lib.build_report(
@@ -376,7 +511,13 @@ def _report(
     energy=energy,
     peak_flops_per_second=peak,
     cfg=cfg.report,
-    extra={"eval": last_eval, "scan_layers": model_cfg.scan_layers},
+    extra={
+      "eval": last_eval,
+      "scan_layers": model_cfg.scan_layers,
+      "parallel": parallel,
+      # Collective bytes per device per step, read from the compiled HLO (parallel.comm).
+      "comm_bytes_per_step": comm_lib.per_step(compiled, cfg.train.steps_per_call),
+    },
   )
 
 
@@ -397,14 +538,15 @@ def load_run(workdir: str, *, best: bool = False):
   ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, keep_best=True, async_save=False)
   meta = ckpt.read_meta(best=best)
   model_cfg = ModelConfig.from_config_dict(meta["model"])
-  graphdef, abstract, _ = _abstract_state(model_cfg, cfg.train)
+  graphdef, abstract, _ = abstract_state(model_cfg, cfg.train)
   state, meta, step = ckpt.restore(abstract, best=best)
   ckpt.close()
   model = nnx.merge(graphdef, state.params)
   return cfg, model, meta, step
 
 
-def _abstract_state(model_cfg, train_cfg):
+def abstract_state(model_cfg, train_cfg):
+  """(graphdef, TrainState of ShapeDtypeStructs, optimizer) without creating any array."""
   out = {}
 
   def build():

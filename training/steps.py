@@ -50,15 +50,22 @@ def weighted_losses(logits, targets, weights):
   return jnp.sum(ce * w), jnp.sum(w), jnp.sum(correct * w)
 
 
-def _forward(graphdef, params, batch):
+def _forward(graphdef, params, batch, forward=None):
   model = nnx.merge(graphdef, params)
-  out = model(batch["inputs"])
+  out = model(batch["inputs"]) if forward is None else forward(model, batch["inputs"])
   loss_sum, weight, correct = weighted_losses(out.logits, batch["targets"], batch["weights"])
   return loss_sum, weight, correct, out.aux_loss
 
 
 def make_train_step(
-  graphdef, tx: optax.GradientTransformation, *, grad_accum_steps: int = 1, nonfinite: str = "stop"
+  graphdef,
+  tx: optax.GradientTransformation,
+  *,
+  grad_accum_steps: int = 1,
+  nonfinite: str = "stop",
+  grad_shardings=None,
+  forward=None,
+  opt_state_offload=None,
 ):
   """Builds `train_step(state, batch) -> (state, metrics)`.
 
@@ -72,17 +79,35 @@ def make_train_step(
     grad_accum_steps: Microbatches per step; the batch's leading axis must divide by it.
     nonfinite: "stop" or "skip"; both leave parameters untouched on a non-finite loss/gradient
       and record the step; "stop" lets the host loop raise.
+    grad_shardings: Optional shardings (a params-shaped pytree) the gradients are constrained
+      to, e.g. the parameters' own under FSDP so XLA reduce-scatters them instead of keeping a
+      full copy per device.
+    forward: Optional `(model, inputs) -> ModelOutput` replacing `model(inputs)`, e.g. a
+      pipelined forward (`parallel.pipeline.decoder_forward`).
+    opt_state_offload: Optional (device shardings, host shardings) of the optimizer state when
+      it lives in host memory between steps: it is copied to the device for the update and the
+      new state back to the host.
   """
   del nonfinite  # Both policies skip the update in-graph; the host decides whether to stop.
 
+  def offloaded(opt_state):
+    if opt_state_offload is None:
+      return opt_state
+    return jax.device_put(opt_state, opt_state_offload[1])
+
+  def place(grads):
+    if grad_shardings is None:
+      return grads
+    return jax.lax.with_sharding_constraint(grads, grad_shardings)
+
   def micro_grads(params, batch):
     def loss_fn(p):
-      loss_sum, weight, correct, aux = _forward(graphdef, p, batch)
+      loss_sum, weight, correct, aux = _forward(graphdef, p, batch, forward)
       # Aux loss is a per-call mean; weight it by this microbatch's share of the tokens.
       return loss_sum + aux * weight, (loss_sum, weight, correct)
 
     (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, stats
+    return place(grads), stats
 
   def train_step(state: TrainState, batch):
     if grad_accum_steps == 1:
@@ -97,7 +122,7 @@ def make_train_step(
         g, s = micro_grads(state.params, mb)
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      zeros = place(jax.tree.map(jnp.zeros_like, state.params))
       stats0 = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
       (grads, (loss_sum, weight, correct)), _ = jax.lax.scan(body, (zeros, stats0), micro)
 
@@ -105,7 +130,10 @@ def make_train_step(
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    old_opt_state = state.opt_state
+    if opt_state_offload is not None:
+      old_opt_state = jax.device_put(old_opt_state, opt_state_offload[0])
+    updates, opt_state = tx.update(grads, old_opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
 
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -113,7 +141,7 @@ def make_train_step(
     new_state = state.replace(
       step=state.step + 1,
       params=keep(new_params, state.params),
-      opt_state=keep(opt_state, state.opt_state),
+      opt_state=offloaded(keep(opt_state, old_opt_state)),
       first_nonfinite_step=jnp.where(
         ok | (state.first_nonfinite_step >= 0), state.first_nonfinite_step, state.step
       ),
@@ -130,11 +158,11 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, forward=None):
   """Builds `eval_step(params, batch) -> sums` with loss_sum, weight and correct."""
 
   def eval_step(params, batch):
-    loss_sum, weight, correct, _ = _forward(graphdef, params, batch)
+    loss_sum, weight, correct, _ = _forward(graphdef, params, batch, forward)
     return {"loss_sum": loss_sum, "weight": weight, "correct": correct}
 
   return eval_step
