@@ -25,6 +25,8 @@ Writes results/kernels.json.
 
 import dataclasses
 import functools
+import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -40,7 +42,6 @@ PEAKS = {
   "v6e": (918e12, 1638e9),
   "H100": (989e12, 3350e9),
 }
-TOPOLOGY_CHIP = {"v5e": "v5e", "v5p": "v5p", "v6e": "v6e"}  # Topology prefix -> PEAKS key.
 
 
 # ------------------------------------------------------------------------- cost-model helpers
@@ -435,7 +436,11 @@ def print_table(rows, topologies):
         d["kernel"]["xla_estimate_us"], d["reference"]["xla_estimate_us"],
       )  # fmt: skip
     print(line)
-  print("roofline = max(model FLOPs / peak, min bytes / HBM BW); * = HLO has while loops")
+  print(
+    "roofline = max(model FLOPs / peak, min bytes / HBM BW); kern GF/MB = the kernel's own "
+    "CostEstimate; * = the HLO has while loops (bodies counted once; in the ragged kernel's "
+    "program it is the visit-list search, negligible)"
+  )
 
 
 def main(argv):
@@ -445,6 +450,9 @@ def main(argv):
 
   flags_ = flags.FLAGS
   topologies = list(flags_.topologies)
+  if topologies and importlib.util.find_spec("libtpu") is None:
+    print("libtpu is not installed (pip install 'jax[tpu]'): no TPU compiler estimates")
+    topologies = []
   rows = []
   on_device = jax.default_backend() in ("tpu", "gpu")
   for op in flags_.ops:
@@ -456,11 +464,9 @@ def main(argv):
       print(f"  {case.op} {case.label}: {time.time() - start:.1f}s", flush=True)
       rows.append(row)
   print_table(rows, topologies)
-  from importlib.metadata import version
-
   setup = {
     "jax": jax.__version__,
-    "libtpu": version("libtpu"),
+    "libtpu": importlib.metadata.version("libtpu") if topologies else None,
     "topologies": topologies,
     "peaks_flops_bytes_per_s": PEAKS,
     "backend": jax.default_backend(),
@@ -474,7 +480,9 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app, flags
 
-  flags.DEFINE_list("topologies", ["v5e:2x2", "v6e:2x2"], "libtpu topologies to compile for.")
+  flags.DEFINE_list(
+    "topologies", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"], "libtpu topologies to compile for."
+  )
   flags.DEFINE_list("ops", list(CASES), "Ops to run: " + ", ".join(CASES))
   flags.DEFINE_integer("repeats", 20, "Timed runs per case on a TPU/GPU (median reported).")
   flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "Output dir.")
