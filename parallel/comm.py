@@ -152,7 +152,9 @@ def parse_hlo(text: str) -> list[Collective]:
   m = re.search(r"num_partitions=(\d+)", text)
   num_partitions = int(m.group(1)) if m else 1
   ops: dict[str, list] = defaultdict(list)  # computation -> [(kind, name, group, bytes)]
-  calls: dict[str, list] = defaultdict(list)  # computation -> [(callee, factor)]
+  calls: dict[str, list] = defaultdict(list)  # computation -> [(callee, factor or condition)]
+  constants: dict[str, dict] = defaultdict(dict)  # computation -> {name: integer constant}
+  limits: dict[str, int] = {}  # loop condition computation -> N of its `i < N` root
   entry, current = None, None
   for line in text.splitlines():
     if current is None:
@@ -169,10 +171,25 @@ def parse_hlo(text: str) -> list[Collective]:
       continue
     name, rest = m.groups()
     result, opcode, tail = _split_result(rest)
+    const = re.match(r"constant\((-?\d+)\)", tail)
+    if const and re.fullmatch(r"[su]\d+\[\]", result.split("{")[0]):
+      constants[current][name] = int(const.group(1))
+    if opcode == "compare" and "direction=LT" in tail and line.lstrip().startswith("ROOT"):
+      operands = re.findall(r"%([\w.\-]+)", tail.split(")", 1)[0])
+      if len(operands) == 2 and operands[1] in constants[current]:
+        limits[current] = constants[current][operands[1]]
     trip = _TRIP.search(tail)
+    found = dict(_CALLS.findall(tail))
     for attr, callee in _CALLS.findall(tail):
-      factor = int(trip.group(1)) if (attr == "body" and trip) else 1
-      calls[current].append((callee, 0 if attr == "condition" else factor))
+      if attr == "condition":
+        continue
+      if attr == "body":
+        # XLA:CPU/GPU annotate known_trip_count; TPU does not: then read the condition's
+        # `i < N` (loops from jax start at 0 and step by 1).
+        factor = int(trip.group(1)) if trip else ("?", found.get("condition"))
+      else:
+        factor = 1
+      calls[current].append((callee, factor))
     for branch_list in _BRANCHES.findall(tail):
       calls[current].extend((b.strip().lstrip("%"), 1) for b in branch_list.split(",") if b)
     kind = opcode.removesuffix("-start")
@@ -189,6 +206,8 @@ def parse_hlo(text: str) -> list[Collective]:
       return
     counts[comp] += times
     for callee, factor in calls.get(comp, ()):
+      if isinstance(factor, tuple):  # Trip count from the loop condition (1 if unreadable).
+        factor = limits.get(factor[1], 1)
       visit(callee, times * factor, depth + 1)
 
   visit(entry, 1)

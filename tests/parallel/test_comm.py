@@ -43,8 +43,8 @@ def test_shard_map_program_bytes_match_hand_computed():
   assert found["link_bytes"]["collective-permute"] == 128
 
 
-# Async pairs, tuple shapes, bf16, the three replica-group notations and a nested loop, as TPU
-# and GPU compilers print them.
+# Async pairs, tuple shapes, bf16, the replica-group notations, a loop with XLA's trip count and
+# one without (as TPU HLO prints loops: the count is the condition's `i < 3`).
 HLO = """HloModule m, num_partitions=8
 
 %body.1 (p: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
@@ -58,6 +58,19 @@ HLO = """HloModule m, num_partitions=8
   ROOT %c = pred[] constant(true)
 }
 
+%body.2 (q: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %q = (s32[], f32[8]) parameter(0)
+  %ar2 = f32[8]{0} all-reduce(%y), replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add
+  ROOT %t2 = (s32[], f32[8]) tuple(%j, %ar2)
+}
+
+%cond.2 (q: (s32[], f32[8])) -> pred[] {
+  %limit = s32[]{:T(128)} constant(3)
+  %q = (s32[], f32[8]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  ROOT %lt = pred[] compare(%j, %limit), direction=LT
+}
+
 ENTRY %main (a: f32[16,8]) -> f32[16,8] {
   %ags = (f32[2,8]{1,0}, f32[16,8]{1,0}) all-gather-start(%a), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
   %agd = f32[16,8]{1,0} all-gather-done(%ags)
@@ -66,6 +79,7 @@ ENTRY %main (a: f32[16,8]) -> f32[16,8] {
   %cps = (f32[16,8]{1,0}, f32[16,8]{1,0}, u32[], u32[]) collective-permute-start(%agd), source_target_pairs={{0,1}}
   %cpd = f32[16,8]{1,0} collective-permute-done(%cps)
   %w = (s32[], bf16[4,8]) while(%init), condition=%cond.1, body=%body.1, backend_config={"known_trip_count":{"n":"5"}}
+  %w2 = (s32[], f32[8]) while(%init2), condition=%cond.2, body=%body.2
   ROOT %r = f32[16,8]{1,0} add(%cpd, %agd)
 }
 """
@@ -74,18 +88,19 @@ ENTRY %main (a: f32[16,8]) -> f32[16,8] {
 def test_parser_counts_async_pairs_once_and_multiplies_loops():
   found = comm.comm_bytes(HLO)
   assert found["bytes"] == {
-    "all-reduce": 16 * 8 * 4 + 8 * 4 + 5 * (4 * 8 * 2),  # Tuple operands + 5 loop trips of bf16.
+    # Tuple operands + 5 loop trips of bf16 + 3 trips of f32[8].
+    "all-reduce": 16 * 8 * 4 + 8 * 4 + 5 * (4 * 8 * 2) + 3 * 8 * 4,
     "all-gather": 16 * 8 * 4,  # The gathered output of the start's (operand, output) tuple.
     "reduce-scatter": 4 * 8 * 4 * 4,  # Output shard x the 4 devices of the fsdp group.
     "all-to-all": 0,
     "collective-permute": 16 * 8 * 4,  # The operand only, not the context scalars.
   }
   assert found["ops"] == {
-    "all-reduce": 6,
+    "all-reduce": 9,
     "all-gather": 1,
     "reduce-scatter": 1,
     "all-to-all": 0,
     "collective-permute": 1,
   }
   groups = {op.name: op.group_size for op in comm.parse_hlo(HLO)}
-  assert groups == {"ars": 4, "ags": 8, "ar": 8, "rs": 4, "cps": 8}
+  assert groups == {"ars": 4, "ags": 8, "ar": 8, "rs": 4, "cps": 8, "ar2": 2}
