@@ -93,6 +93,8 @@ def run_arm(task: dict, overrides: dict, workdir: str, steps: int) -> dict:
     cfg.train.decay_steps = steps
   cfg.train.progress_bar = False
   result = train_and_evaluate(cfg, workdir)
+  if result.preempted:
+    raise SystemExit(f"{workdir}: preempted at step {result.step}; rerun the same command to resume")
   row = _row(result.report, result.eval)
   with open(done, "w") as f:
     json.dump(row, f, indent=2)
