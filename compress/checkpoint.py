@@ -8,7 +8,10 @@ Layout under the output directory (the `training.checkpoint.Checkpointer` layout
 Manifest entries, applied in order to a freshly built (abstract) model of the same config:
   {"path": [...], "module": CompressedLinear.spec()}   install that compressed projection
   {"path": [...], "attribute": name, "value": v}       set a static attribute (e.g. kv_cache_quant)
-Weights changed in place (pruning) need no entry: the state carries them.
+  {"path": [...], "info": {...}}                        a record only (e.g. which units structured
+                                                        pruning removed); nothing to rebuild
+Weights changed in place (pruning) need no entry: the state carries them. Shapes changed with the
+model config (structured pruning) need none either: meta["model"] is the compressed model's config.
 """
 
 import importlib
@@ -57,6 +60,8 @@ def apply_manifest(model: nnx.Module, manifest: list[dict[str, Any]]) -> nnx.Mod
   """Rebuilds the compressed structure on a model of the original config (in place)."""
   for entry in manifest:
     path = tuple(entry["path"])
+    if "info" in entry:
+      continue
     if "module" in entry:
       bias = getattr(get_module(model, path), "bias", None)
       set_module(model, path, build_from_spec(entry["module"], bias))

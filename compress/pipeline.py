@@ -13,8 +13,9 @@ Report (out/report.json, also returned): stored bytes of the model and of the se
 projections before and after with their ratios; validation loss / bits per byte before and after;
 fidelity to the uncompressed model on the same validation tokens (top-1 agreement and the mean
 KL(p_float ‖ p_compressed) per token: the survey's loyalty metric); per-module rows with each
-stacked layer's relative weight and output error; and the largest |Δlogit| after reloading the
-written checkpoint (0 when it reloads exactly).
+stacked layer's relative weight and output error; what whole-model methods recorded (`notes`,
+e.g. the units structured pruning removed and its recovery losses); and the largest |Δlogit| after
+reloading the written checkpoint (0 when it reloads exactly).
 """
 
 import functools
@@ -147,9 +148,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, Any
   times["load"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  inputs, calib_info = {}, None
+  dataset = data_lib.build_dataset(run_cfg.data)
+  inputs, calib_info, model_data = {}, None, None
   wanted = plan.calibration_targets()
-  if wanted:
+  if wanted or plan.needs_data():
     c = cfg.calibration
     tokens = calib_lib.calibration_tokens(
       run_cfg.data,
@@ -158,22 +160,21 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, Any
       first_step=c.first_step,
       overrides=c.data,
     )
-    inputs = calib_lib.capture_inputs(
-      model, wanted, tokens, batch_size=c.batch_size, max_tokens=c.max_tokens
-    )
-    calib_info = {
-      "sequences": int(tokens.shape[0]),
-      "seq_len": int(tokens.shape[1]),
-      "tokens_per_layer": int(next(iter(inputs.values())).shape[1]),
-    }
+    calib_info = {"sequences": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])}
+    if wanted:
+      inputs = calib_lib.capture_inputs(
+        model, wanted, tokens, batch_size=c.batch_size, max_tokens=c.max_tokens
+      )
+      calib_info["tokens_per_layer"] = int(next(iter(inputs.values())).shape[1])
+    # Whole-model methods (structured pruning) score on the sequences, fine-tune on the run's data.
+    model_data = registry.ModelData(tokens, c.batch_size, dataset.train_batch, run_cfg.train)
   times["calibrate"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  result = apply_plan(model, plan, inputs)
+  result = apply_plan(model, plan, inputs, model_data)
   times["apply"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  dataset = data_lib.build_dataset(run_cfg.data)
   batches = dataset.eval_batches(cfg.eval_batches or run_cfg.train.eval_batches)
   ev_before, ev_after, fidelity = evaluate_pair(model, ref_model, batches, dataset.bytes_per_token)
   times["evaluate"] = time.perf_counter() - t0
@@ -181,7 +182,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, Any
   sizes = _sizes(ref_model, model, result.layers, before, {t.name: t.path for t in plan.targets})
   os.makedirs(out, exist_ok=True)
   ckpt_meta = {
-    "model": meta["model"],
+    # The compressed model's own config: structured pruning changes its shapes.
+    "model": model.cfg.to_dict(),
     "tokenizer": meta.get("tokenizer"),
     "compress": {
       "manifest": result.manifest,
@@ -211,6 +213,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, Any
     "eval": {"before": ev_before, "after": ev_after, **_changes(ev_before, ev_after)},
     "fidelity": fidelity,
     "layers": result.layers,
+    "notes": [entry["info"] for entry in result.manifest if "info" in entry],
     "reload_max_abs_logit_diff": diff,
     "seconds": times,
   }
@@ -275,6 +278,7 @@ def format_report(report: dict[str, Any]) -> str:
     ),
     f"fidelity: top-1 agreement {fi['top1_agreement']:.4f}, KL {fi['kl']:.3g} nats/token",
   ]
+  lines += [f"  {note['summary']}" for note in report.get("notes", []) if "summary" in note]
   for row in report["layers"]:
     errs = [s.get("output_rel_error", s["weight_rel_error"]) for s in row.get("slices", [])]
     err = f"rel. error {np.mean(errs):.4f}" if errs else ""

@@ -13,7 +13,11 @@ and a function. Two shapes of function exist:
              `compress.layers.CompressedLinear` subclass and one layer's arrays for it (what
              quantization or low-rank factoring returns; nothing runs after it).
   model      `fn(model, targets, calibration, settings) -> None` edits the model in place given
-             every module the rule selected (structured pruning, KV-cache options, ...).
+             every module the rule selected (structured pruning, KV-cache options, ...). With
+             `needs_data`, it is called with a fifth argument, a `ModelData` (calibration
+             sequences and the run's training batches: for gradient scores and fine-tuning).
+             It may replace whole submodules and change the model's config (`model.cfg`):
+             the compressed checkpoint stores `model.cfg`, so shrunk shapes reload.
 
 Stages order the methods of one module: with the default order prune -> lowrank -> quantize, a
 module matched by a Wanda rule and a GPTQ rule is first pruned, then quantized.
@@ -67,6 +71,23 @@ Check = tuple[Callable[[Any], bool], str]
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelData:
+  """What a whole-model method with `needs_data` gets besides per-layer calibration inputs.
+
+  Attributes:
+    tokens: Calibration sequences, int32 [sequences, seq_len] (`compress.calibration`).
+    batch_size: Sequences per forward pass over `tokens`.
+    train_batch: Step -> the run's training batch {"inputs", "targets", "weights"}, or None.
+    train: The run's `train` config section (optimizer settings), or None for the defaults.
+  """
+
+  tokens: Any
+  batch_size: int = 8
+  train_batch: Callable[[int], dict] | None = None
+  train: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   """A registered compression method.
 
@@ -81,6 +102,7 @@ class Method:
     needs_calibration: Whether `fn` needs calibration inputs.
     per_layer: True for the per-layer shape of `fn`, False for the whole-model shape.
     validate: Optional cross-setting check raising a ValueError (after the per-setting checks).
+    needs_data: Whether a whole-model `fn` takes a `ModelData` as a fifth argument.
   """
 
   name: str
@@ -92,6 +114,7 @@ class Method:
   needs_calibration: bool = False
   per_layer: bool = True
   validate: Callable[[dict, str], None] | None = None
+  needs_data: bool = False
 
   def settings(self, given: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
     """The method's defaults updated by `given`, every value checked.
@@ -133,6 +156,7 @@ def register(
   needs_calibration: bool = False,
   per_layer: bool = True,
   validate: Callable[[dict, str], None] | None = None,
+  needs_data: bool = False,
 ):
   """Decorator registering `fn` as method `name` (see `Method` for the arguments)."""
   if stage not in (*STAGES, "any") or target not in (*TARGETS, "any"):
@@ -141,12 +165,14 @@ def register(
   checks = dict(checks or {})
   if set(checks) != set(defaults):
     raise ValueError(f"method {name!r}: every setting needs a default and a check")
+  if needs_data and per_layer:
+    raise ValueError(f"method {name!r}: only whole-model methods (per_layer=False) take data")
 
   def wrap(fn):
     if name in METHODS:
       raise ValueError(f"compression method {name!r} is registered twice")
     METHODS[name] = Method(
-      name, stage, target, fn, defaults, checks, needs_calibration, per_layer, validate
+      name, stage, target, fn, defaults, checks, needs_calibration, per_layer, validate, needs_data
     )
     return fn
 

@@ -120,6 +120,10 @@ class Plan:
     }
     return [t for t in self.targets if t.name in names]
 
+  def needs_data(self) -> bool:
+    """Whether a selected whole-model method needs `ModelData` (sequences, training batches)."""
+    return any(r.method.needs_data for steps in self.model_steps.values() for r, _ in steps)
+
   def describe(self) -> list[str]:
     lines = []
     for stage in self.order:
@@ -196,7 +200,10 @@ class Result:
 
 
 def apply_plan(
-  model: nnx.Module, plan: Plan, calibration: Mapping[str, np.ndarray] | None = None
+  model: nnx.Module,
+  plan: Plan,
+  calibration: Mapping[str, np.ndarray] | None = None,
+  data: registry.ModelData | None = None,
 ) -> Result:
   """Applies a plan in place.
 
@@ -204,7 +211,9 @@ def apply_plan(
     model: The float model (modified in place).
     plan: From `make_plan` on this model.
     calibration: Target name -> inputs [slices, tokens, K] (see `compress.calibration`);
-      required for the targets of methods that need calibration.
+      required for the targets of methods that need calibration. A whole-model method that
+      changes shapes (structured pruning) may update the entries of a dict in place.
+    data: Sequences and training batches for whole-model methods with `needs_data`.
 
   Returns:
     A `Result` (per-module report rows and the checkpoint manifest).
@@ -216,7 +225,14 @@ def apply_plan(
   replaced: dict[str, str] = {}
   for stage in plan.order:
     for rule, targets in plan.model_steps[stage]:
-      entries = rule.method.fn(model, targets, calibration, rule.settings) or []
+      args = (model, targets, calibration, rule.settings)
+      if rule.method.needs_data:
+        if data is None:
+          raise ValueError(
+            f"{rule.where}.method={rule.method.name!r} needs calibration sequences (ModelData)"
+          )
+        args = (*args, data)
+      entries = rule.method.fn(*args) or []
       manifest.extend(entries)
       for t in targets:
         rows.setdefault(t.name, _row(t))["methods"].append(rule.method.name)
