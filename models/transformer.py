@@ -39,11 +39,14 @@ class ModelOutput(NamedTuple):
     logits: float32 [batch, seq, vocab].
     cache: Updated decoding cache (None when called without one).
     aux_loss: Scalar auxiliary loss summed over layers (e.g. MoE load balancing); 0 if none.
+    hidden: With `return_hidden=True`, the residual stream [num_groups + 1, batch, seq, embed]:
+      the embedding output, then each block group's output (before the final norm); else None.
   """
 
   logits: jax.Array
   cache: Any
   aux_loss: jax.Array
+  hidden: Any = None
 
 
 class Block(nnx.Module):
@@ -160,7 +163,17 @@ class LayerStack(nnx.Module):
     # Each mixer decides its empty state (zeros for KV caches, -inf running maxima, ...).
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_groups, *a.shape)), per_group)
 
-  def __call__(self, x, *, positions_bt, segment_ids_bt=None, caches=None, cache_index=None):
+  def __call__(
+    self,
+    x,
+    *,
+    positions_bt,
+    segment_ids_bt=None,
+    caches=None,
+    cache_index=None,
+    return_hidden=False,
+  ):
+    """Returns (x, caches, aux) and, with `return_hidden`, each group's output stacked first."""
     graphdef, state = nnx.split(self.groups)
 
     def body(x, xs):
@@ -173,21 +186,22 @@ class LayerStack(nnx.Module):
         caches=group_caches,
         cache_index=cache_index,
       )
-      return x, (new_caches, aux)
+      return x, (new_caches, aux, x if return_hidden else None)
 
     if self.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
 
     if self.scan:
-      x, (new_caches, aux) = jax.lax.scan(body, x, (state, caches))
+      x, (new_caches, aux, hidden) = jax.lax.scan(body, x, (state, caches))
     else:
       outs = []
       for i in range(self.num_groups):
         xs = jax.tree.map(lambda a, i=i: a[i], (state, caches))
         x, out = body(x, xs)
         outs.append(out)
-      new_caches, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    return x, (new_caches if caches is not None else None), jnp.sum(aux)
+      new_caches, aux, hidden = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    out = (x, (new_caches if caches is not None else None), jnp.sum(aux))
+    return (*out, hidden) if return_hidden else out
 
 
 def _positions(tokens_bt: jax.Array, cache_index) -> jax.Array:
@@ -242,6 +256,7 @@ class DecoderLM(nnx.Module):
     segment_ids_bt: jax.Array | None = None,
     cache=None,
     cache_index=None,
+    return_hidden: bool = False,
   ) -> ModelOutput:
     """Next-token logits.
 
@@ -251,6 +266,8 @@ class DecoderLM(nnx.Module):
       segment_ids_bt: Optional segment ids for packed sequences (0 = padding).
       cache: Optional decoding cache from `init_cache`.
       cache_index: Scalar int, where the input starts in the cache.
+      return_hidden: Also return the residual stream after the embedding and after each block
+        group (`ModelOutput.hidden`), e.g. for hidden-state distillation.
 
     Returns:
       A `ModelOutput`.
@@ -258,16 +275,22 @@ class DecoderLM(nnx.Module):
     if positions_bt is None:
       positions_bt = _positions(tokens_bt, cache_index)
     x = constrain(self.embed(tokens_bt), ("batch", "seq", "embed"))
-    x, cache, aux = self.layers(
+    embedded = x
+    x, cache, aux, *hidden = self.layers(
       x,
       positions_bt=positions_bt,
       segment_ids_bt=segment_ids_bt,
       caches=cache,
       cache_index=cache_index,
+      return_hidden=return_hidden,
     )
+    if return_hidden:  # [groups + 1, batch, seq, embed]
+      hidden = jnp.concatenate([embedded[None], hidden[0].astype(embedded.dtype)], axis=0)
+    else:
+      hidden = None
     x = self.final_norm(x)
     logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x).astype(jnp.float32)
-    return ModelOutput(constrain(logits, ("batch", "seq", "vocab")), cache, aux)
+    return ModelOutput(constrain(logits, ("batch", "seq", "vocab")), cache, aux, hidden)
 
 
 class EncoderLM(nnx.Module):

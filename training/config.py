@@ -99,7 +99,9 @@ def validate_experiment(cfg: ml_collections.ConfigDict, *, num_devices: int = 1)
   Raises:
     ValueError: One line naming the first bad setting, its value and what is allowed.
   """
-  known = {"name", "model", "data", "train", "checkpoint", "parallel", "report", "compress"}
+  known = {
+    "name", "model", "data", "train", "checkpoint", "parallel", "report", "compress", "distill"
+  }  # fmt: skip
   unknown = sorted(set(cfg.keys()) - known)
   if unknown:
     raise ValueError(
@@ -155,6 +157,10 @@ def validate_experiment(cfg: ml_collections.ConfigDict, *, num_devices: int = 1)
     )
   sizes = mesh_lib.mesh_shape(cfg.parallel, num_devices)
   rules = rules_lib.validate(cfg.parallel, model, sizes)
+  if "distill" in cfg:  # A teacher-driven objective (compress.distill); imported only when used.
+    from compress import distill
+
+    distill.validate_config(cfg, pipeline=sizes["pipeline"] > 1)
   batch_shards = math.prod(sizes[a] for a in rules_lib.batch_axes(rules))
   micro = cfg.data.batch_size // t.grad_accum_steps
   if cfg.data.batch_size % t.grad_accum_steps:

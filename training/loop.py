@@ -5,6 +5,11 @@ Each stage reads its own config section: data -> model -> optimizer -> mesh plac
 A run killed at any point resumes from its last checkpoint with the same command and continues
 exactly (batches are a pure function of the step; the optimizer state is checkpointed), and
 SIGTERM writes a checkpoint before the process exits.
+
+A `distill` config section (`compress.distill`) changes only the objective and the training
+batches: it returns a `training.steps.Objective` (a teacher's frozen parameters and a loss) and/or
+a dataset whose train batches come from a teacher; checkpoints, resume, eval (plain cross-entropy
+on the real validation data) and the report work as for any run.
 """
 
 import dataclasses
@@ -38,7 +43,15 @@ from parallel import rules as rules_lib
 from training import config as config_lib
 from training.checkpoint import Checkpointer
 from training.optim import build_optimizer, learning_rate_schedule
-from training.steps import TrainState, make_eval_step, make_multi_step, make_train_step
+from training.steps import (
+  OBJECTIVE_PARAMS,
+  Objective,
+  TrainState,
+  make_eval_step,
+  make_multi_step,
+  make_train_step,
+  model_params,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,18 +79,23 @@ def run_meta(model_cfg: ModelConfig, dataset) -> dict[str, Any]:
   return {"model": model_cfg.to_dict(), "tokenizer": _tokenizer_meta(dataset)}
 
 
-def init_state(model_cfg: ModelConfig, train_cfg, *, seed: int, shardings=None):
+def init_state(
+  model_cfg: ModelConfig, train_cfg, *, seed: int, shardings=None, objective_params=None
+):
   """Builds the model and a fresh TrainState; returns (graphdef, state, optimizer).
 
   Initialisation runs as one compiled program: faster than op-by-op eager creation, and the
   parameters are never materialised twice. With `shardings` (a TrainState of shardings, see
-  `placement`) each device creates only its own shards.
+  `placement`) each device creates only its own shards. `objective_params` (`Objective.
+  init_params`) adds an objective's own trainable parameters under `params[OBJECTIVE_PARAMS]`.
   """
   box = {}
 
   def make():
     graphdef, params = nnx.split(build_model(model_cfg, seed=seed))
     params = params.to_pure_dict()
+    if objective_params is not None:
+      params[OBJECTIVE_PARAMS] = objective_params()
     tx = build_optimizer(train_cfg, params)
     box["graphdef"], box["tx"] = graphdef, tx
     return TrainState.create(params, tx)
@@ -121,9 +139,15 @@ class Placement:
     return NamedSharding(self.mesh, P(None, *self.batch.spec))
 
 
-def placement(model_cfg: ModelConfig, train_cfg, parallel_cfg, mesh) -> Placement:
-  """Resolves the `parallel.rules` preset into shardings for the state and the batches."""
-  _, abstract, tx = abstract_state(model_cfg, train_cfg)
+def placement(
+  model_cfg: ModelConfig, train_cfg, parallel_cfg, mesh, objective_params=None
+) -> Placement:
+  """Resolves the `parallel.rules` preset into shardings for the state and the batches.
+
+  An objective's own parameters (`objective_params`, see `init_state`) have no logical axes, so
+  they are replicated.
+  """
+  _, abstract, tx = abstract_state(model_cfg, train_cfg, objective_params)
   logical = rules_lib.logical_axes(nnx.state(nnx.eval_shape(lambda: build_model(model_cfg))))
   rules = rules_lib.get_rules(parallel_cfg.get("rules", rules_lib.AUTO), dict(mesh.shape))
   specs = rules_lib.param_specs(logical, abstract.params, rules, mesh.shape)
@@ -170,11 +194,12 @@ def model_forward(place: Placement):
   return forward
 
 
-def jit_steps(graphdef, tx, place: Placement, train_cfg):
+def jit_steps(graphdef, tx, place: Placement, train_cfg, objective: Objective | None = None):
   """The jitted train step (`train_cfg.steps_per_call` steps per call) and eval step.
 
   Both take and return arrays placed by `place`; the train step donates its state. Activation
-  constraints inside the model resolve through `place.rules`.
+  constraints inside the model resolve through `place.rules`. With an `objective` the train step
+  takes its frozen arrays (replicated) as a third argument.
   """
   k = train_cfg.steps_per_call
   forward = model_forward(place)
@@ -188,11 +213,13 @@ def jit_steps(graphdef, tx, place: Placement, train_cfg):
     opt_state_offload=(
       None if place.opt_state_device is None else (place.opt_state_device, place.state.opt_state)
     ),
+    objective=objective,
   )
   replicated = NamedSharding(place.mesh, P())
+  frozen = () if objective is None else (replicated,)
   step_fn = jax.jit(
     rules_lib.with_rules(make_multi_step(train_step, k), place.mesh, place.rules),
-    in_shardings=(place.state, place.stacked_batch if k > 1 else place.batch),
+    in_shardings=(place.state, place.stacked_batch if k > 1 else place.batch, *frozen),
     out_shardings=(place.state, replicated),
     donate_argnums=0,
   )
@@ -283,14 +310,22 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
   model_cfg = config_lib.model_config(cfg, dataset.vocab_size)
   is_chief = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  objective, dataset = _objective(cfg, model_cfg, dataset, workdir)
+  init_extra = None if objective is None else objective.init_params
   _say(is_chief, f"data: {dataset.describe()}")
 
-  place = placement(model_cfg, tc, cfg.parallel, mesh)
+  place = placement(model_cfg, tc, cfg.parallel, mesh, init_extra)
   rules_lib.check_replicated(
     place.abstract.params, place.specs, place.rules, cfg.parallel.warn_replicated_mb
   )
-  graphdef, state, tx = init_state(model_cfg, tc, seed=tc.seed, shardings=place.state)
+  graphdef, state, tx = init_state(
+    model_cfg, tc, seed=tc.seed, shardings=place.state, objective_params=init_extra
+  )
   meta = run_meta(model_cfg, dataset)
+  if OBJECTIVE_PARAMS in state.params:  # So `load_run` can rebuild the checkpoint's layout.
+    meta["objective_params"] = jax.tree.map(
+      lambda x: {"shape": list(x.shape), "dtype": str(x.dtype)}, state.params[OBJECTIVE_PARAMS]
+    )
   ckpt = Checkpointer(
     workdir,
     keep=cfg.checkpoint.keep,
@@ -320,10 +355,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
       {key: np.stack([b[key] for b in batches]) for key in batches[0]}, stacked_sharding
     )
 
-  step_fn, eval_fn = jit_steps(graphdef, tx, place, tc)
+  step_fn, eval_fn = jit_steps(graphdef, tx, place, tc, objective)
+  frozen = () if objective is None else (objective.frozen,)
   example = train_batches(start_step)
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, example).compile()
+  compiled = step_fn.lower(state, example, *frozen).compile()
   compile_seconds = time.perf_counter() - t0
   eval_batches = [to_device(b) for b in dataset.eval_batches(tc.eval_batches)]
 
@@ -343,7 +379,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
   with _SigtermFlag() as sigterm:
     batch = example
     while step < tc.steps:
-      state, step_metrics = compiled(state, batch)
+      state, step_metrics = compiled(state, batch, *frozen)
       step += k
       window_steps += k
       if step < tc.steps:
@@ -404,6 +440,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
   return RunResult(
     step=step, train_loss=train_loss, eval=last_eval, report=report, preempted=preempted
   )
+
+
+def _objective(cfg, model_cfg: ModelConfig, dataset, workdir: str):
+  """(objective or None, training dataset) of the config's `distill` section, if it has one."""
+  if "distill" not in cfg:
+    return None, dataset
+  from compress import distill  # The only objective section; imported only when used.
+
+  return distill.setup(cfg, model_cfg, dataset, workdir)
 
 
 def _check_nonfinite(state: TrainState, policy: str) -> None:
@@ -491,9 +536,10 @@ def _report(
   last_eval,
   parallel=None,
 ):
-  n_params = metrics_lib.count_params(state.params)
+  params = model_params(state.params)  # The model's alone, not an objective's projections.
+  n_params = metrics_lib.count_params(params)
   usage = expert_usage(model_cfg)  # Experts per token for MoE models: fewer active parameters.
-  n_active = n_params if usage is None else active_params(state.params, **usage)
+  n_active = n_params if usage is None else active_params(params, **usage)
   analytic = analytic_flops_per_token(model_cfg, cfg.data.seq_len)
   # Drop the first window (it absorbs first-call overheads) when there are enough.
   timed = step_seconds[1:] if len(step_seconds) > 2 else step_seconds
@@ -538,19 +584,28 @@ def load_run(workdir: str, *, best: bool = False):
   ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, keep_best=True, async_save=False)
   meta = ckpt.read_meta(best=best)
   model_cfg = ModelConfig.from_config_dict(meta["model"])
-  graphdef, abstract, _ = abstract_state(model_cfg, cfg.train)
+  extra = meta.get("objective_params")  # An objective's parameters (distillation projections).
+  init_extra = None
+  if extra is not None:
+    is_leaf = lambda x: isinstance(x, dict) and set(x) == {"shape", "dtype"}
+    init_extra = lambda: jax.tree.map(
+      lambda x: jax.numpy.zeros(x["shape"], x["dtype"]), extra, is_leaf=is_leaf
+    )
+  graphdef, abstract, _ = abstract_state(model_cfg, cfg.train, init_extra)
   state, meta, step = ckpt.restore(abstract, best=best)
   ckpt.close()
-  model = nnx.merge(graphdef, state.params)
+  model = nnx.merge(graphdef, model_params(state.params))
   return cfg, model, meta, step
 
 
-def abstract_state(model_cfg, train_cfg):
+def abstract_state(model_cfg, train_cfg, objective_params=None):
   """(graphdef, TrainState of ShapeDtypeStructs, optimizer) without creating any array."""
   out = {}
 
   def build():
-    graphdef, state, tx = init_state(model_cfg, train_cfg, seed=0)
+    graphdef, state, tx = init_state(
+      model_cfg, train_cfg, seed=0, objective_params=objective_params
+    )
     out["graphdef"], out["tx"] = graphdef, tx
     return state
 

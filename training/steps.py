@@ -2,8 +2,15 @@
 
 Parameters are a pure nested dict (the model's `nnx.Param` state), merged with the model's graph
 definition inside the step, so the step is a plain function of arrays that jit, shard and donate.
+
+An `Objective` (e.g. `compress.distill`) replaces the cross-entropy: it sees the model's output,
+the batch, its own trainable parameters (kept under `params[OBJECTIVE_PARAMS]`, optimised and
+checkpointed with the model but never merged into it) and frozen arrays passed to the step as a
+third argument (e.g. a teacher's parameters, never differentiated). Without one nothing changes.
 """
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -42,6 +49,36 @@ class TrainState:
     )
 
 
+OBJECTIVE_PARAMS = "objective"
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A training loss replacing plain cross-entropy; see the module docstring.
+
+  Attributes:
+    loss: `(out, batch, objective_params, frozen) -> (loss_sum, terms)`: the weighted loss of a
+      (micro)batch summed over tokens, given the model's `ModelOutput`, and named summed terms to
+      log (divided by the batch's token weight, like the loss).
+    forward: Optional `(model, inputs) -> ModelOutput` replacing `model(inputs)` in training,
+      e.g. to return hidden states.
+    frozen: A pytree of arrays every step reads and nothing updates (or None).
+    init_params: Optional `() -> pytree` creating the objective's own trainable parameters.
+  """
+
+  loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+  forward: Callable | None = None
+  frozen: Any = None
+  init_params: Callable[[], Any] | None = None
+
+
+def model_params(params):
+  """The model's own parameters: `params` without the objective's (if any)."""
+  if isinstance(params, dict) and OBJECTIVE_PARAMS in params:
+    return {k: v for k, v in params.items() if k != OBJECTIVE_PARAMS}
+  return params
+
+
 def weighted_losses(logits, targets, weights):
   """Summed weighted cross-entropy, weight total and number of correct argmax predictions."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [b, t]
@@ -50,9 +87,13 @@ def weighted_losses(logits, targets, weights):
   return jnp.sum(ce * w), jnp.sum(w), jnp.sum(correct * w)
 
 
+def _apply(graphdef, params, inputs, forward=None):
+  model = nnx.merge(graphdef, model_params(params))
+  return model(inputs) if forward is None else forward(model, inputs)
+
+
 def _forward(graphdef, params, batch, forward=None):
-  model = nnx.merge(graphdef, params)
-  out = model(batch["inputs"]) if forward is None else forward(model, batch["inputs"])
+  out = _apply(graphdef, params, batch["inputs"], forward)
   loss_sum, weight, correct = weighted_losses(out.logits, batch["targets"], batch["weights"])
   return loss_sum, weight, correct, out.aux_loss
 
@@ -66,8 +107,9 @@ def make_train_step(
   grad_shardings=None,
   forward=None,
   opt_state_offload=None,
+  objective: Objective | None = None,
 ):
-  """Builds `train_step(state, batch) -> (state, metrics)`.
+  """Builds `train_step(state, batch[, frozen]) -> (state, metrics)`.
 
   The loss is the weighted mean cross-entropy over the whole batch (plus the model's auxiliary
   loss); with accumulation the microbatch gradients of the summed loss are added and divided by
@@ -87,7 +129,13 @@ def make_train_step(
     opt_state_offload: Optional (device shardings, host shardings) of the optimizer state when
       it lives in host memory between steps: it is copied to the device for the update and the
       new state back to the host.
+    objective: Optional `Objective` replacing the cross-entropy; the step then takes its frozen
+      arrays as a third argument and also reports each of its terms.
   """
+  if objective is not None and objective.forward is not None:
+    if forward is not None:
+      raise ValueError("an objective with its own forward cannot run with a pipelined forward")
+    forward = objective.forward
   del nonfinite  # Both policies skip the update in-graph; the host decides whether to stop.
 
   def offloaded(opt_state):
@@ -100,18 +148,25 @@ def make_train_step(
       return grads
     return jax.lax.with_sharding_constraint(grads, grad_shardings)
 
-  def micro_grads(params, batch):
+  def micro_grads(params, batch, frozen):
     def loss_fn(p):
-      loss_sum, weight, correct, aux = _forward(graphdef, p, batch, forward)
+      if objective is None:
+        loss_sum, weight, correct, aux = _forward(graphdef, p, batch, forward)
+        terms = {}
+      else:
+        out = _apply(graphdef, p, batch["inputs"], forward)
+        _, weight, correct = weighted_losses(out.logits, batch["targets"], batch["weights"])
+        loss_sum, terms = objective.loss(out, batch, p.get(OBJECTIVE_PARAMS), frozen)
+        aux = out.aux_loss
       # Aux loss is a per-call mean; weight it by this microbatch's share of the tokens.
-      return loss_sum + aux * weight, (loss_sum, weight, correct)
+      return loss_sum + aux * weight, (loss_sum, weight, correct, terms)
 
     (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return place(grads), stats
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, frozen=None):
     if grad_accum_steps == 1:
-      grads, (loss_sum, weight, correct) = micro_grads(state.params, batch)
+      grads, (loss_sum, weight, correct, terms) = micro_grads(state.params, batch, frozen)
     else:
       micro = jax.tree.map(
         lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch
@@ -119,12 +174,14 @@ def make_train_step(
 
       def body(carry, mb):
         g_acc, s_acc = carry
-        g, s = micro_grads(state.params, mb)
+        g, s = micro_grads(state.params, mb, frozen)
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
       zeros = place(jax.tree.map(jnp.zeros_like, state.params))
-      stats0 = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
-      (grads, (loss_sum, weight, correct)), _ = jax.lax.scan(body, (zeros, stats0), micro)
+      first = jax.tree.map(lambda x: x[0], micro)
+      stats_shape = jax.eval_shape(lambda: micro_grads(state.params, first, frozen)[1])
+      stats0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
+      (grads, (loss_sum, weight, correct, terms)), _ = jax.lax.scan(body, (zeros, stats0), micro)
 
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
@@ -152,6 +209,7 @@ def make_train_step(
       "accuracy": correct / denom,
       "grad_norm": grad_norm,
       "tokens": weight,
+      **{name: term / denom for name, term in terms.items()},
     }
     return new_state, metrics
 
@@ -177,7 +235,7 @@ def make_multi_step(train_step, steps_per_call: int):
   if steps_per_call == 1:
     return train_step
 
-  def multi_step(state: TrainState, batches):
-    return jax.lax.scan(train_step, state, batches)
+  def multi_step(state: TrainState, batches, *frozen):
+    return jax.lax.scan(lambda s, b: train_step(s, b, *frozen), state, batches)
 
   return multi_step
