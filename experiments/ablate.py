@@ -94,7 +94,9 @@ def run_arm(task: dict, overrides: dict, workdir: str, steps: int) -> dict:
   cfg.train.progress_bar = False
   result = train_and_evaluate(cfg, workdir)
   if result.preempted:
-    raise SystemExit(f"{workdir}: preempted at step {result.step}; rerun the same command to resume")
+    raise SystemExit(
+      f"{workdir}: preempted at step {result.step}; rerun the same command to resume"
+    )
   row = _row(result.report, result.eval)
   with open(done, "w") as f:
     json.dump(row, f, indent=2)
@@ -136,7 +138,10 @@ def _plot(task_name: str, task: dict, rows: dict, cost: str, path: str) -> None:
   ax.scatter(xs, ys)
   for a, x, y in zip(arms, xs, ys, strict=True):
     ax.annotate(a, (x, y), fontsize=7)
-  ax.plot([xs[i] for i in front], [ys[i] for i in front], "r--", label="Pareto front")
+  # Markers as well as the line: a front of one arm (cheapest and best) has no line to draw.
+  ax.plot(
+    [xs[i] for i in front], [ys[i] for i in front], "ro--", mfc="none", ms=9, label="Pareto front"
+  )
   ax.set(xlabel=cost, ylabel=task["quality"], title=f"{task_name}: quality vs cost")
   ax.legend()
   fig.tight_layout()

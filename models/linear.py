@@ -4,7 +4,6 @@ Axes: the caller names the input and output axes (e.g. ("embed", "mlp")); a mult
 such as ("heads", "head_dim") keeps one parameter axis per logical name.
 """
 
-import itertools
 import math
 from collections.abc import Sequence
 
@@ -98,10 +97,15 @@ class ProjectOut(nnx.Module):
 
 
 def fused_linear(x: jax.Array, layers: Sequence[Linear]) -> list[jax.Array]:
-  """Applies several bias-free `Linear`s that share an input as one wider matmul.
+  """Applies several bias-free `Linear`s that share an input as fewer, wider matmuls.
 
-  Same result as `[layer(x) for layer in layers]`; one [tokens, sum(out)] product keeps the
-  hardware busier than several narrow ones (e.g. q/k/v, or SwiGLU's gate and up). Parameters stay
+  Same result as `[layer(x) for layer in layers]`; one [tokens, L, N] product keeps the hardware
+  busier than L narrow ones (e.g. q/k/v, or SwiGLU's gate and up). Layers of the same output shape
+  are stacked on a new axis rather than concatenated: under tensor parallelism each kernel's output
+  axis is sharded, and a stacked [in, L, N] kernel keeps that sharding on N, so every device
+  computes its own slice of every output. (A concatenated [in, L*N] kernel is sharded across the
+  joined axis instead, and splitting its output back costs collective permutes per layer.)
+  Layers of different shapes (grouped-query q vs k/v) form separate groups. Parameters stay
   separate, each with its own logical axes. Layers that are not plain `Linear`s (e.g. compressed
   replacements with their own low-bit matmul) are applied one by one.
   """
@@ -110,15 +114,22 @@ def fused_linear(x: jax.Array, layers: Sequence[Linear]) -> list[jax.Array]:
   first = layers[0]
   if any(layer.bias is not None or layer.in_features != first.in_features for layer in layers):
     raise ValueError("fused_linear needs bias-free layers with the same input width")
-  widths = [math.prod(layer.out_shape) for layer in layers]
-  w = jnp.concatenate(
-    [
-      layer.kernel[...].astype(first.dtype).reshape(first.in_features, n)
-      for layer, n in zip(layers, widths, strict=True)
-    ],
-    axis=1,
-  )
+  groups: dict[tuple[int, ...], list[int]] = {}
+  for i, layer in enumerate(layers):
+    groups.setdefault(layer.out_shape, []).append(i)
   lead = x.shape[:-1]
-  y = x.astype(first.dtype).reshape(-1, first.in_features) @ w  # [tokens, sum(widths)]
-  parts = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=1)
-  return [p.reshape(*lead, *layer.out_shape) for p, layer in zip(parts, layers, strict=True)]
+  x_tk = x.astype(first.dtype).reshape(-1, first.in_features)
+  out: list[jax.Array | None] = [None] * len(layers)
+  for out_shape, members in groups.items():
+    if len(members) == 1:
+      out[members[0]] = layers[members[0]](x)
+      continue
+    n = math.prod(out_shape)
+    w_kln = jnp.stack(
+      [layers[i].kernel[...].astype(first.dtype).reshape(first.in_features, n) for i in members],
+      axis=1,
+    )
+    y_tln = jnp.einsum("tk,kln->tln", x_tk, w_kln)
+    for j, i in enumerate(members):
+      out[i] = y_tln[:, j].reshape(*lead, *out_shape)
+  return out

@@ -79,9 +79,10 @@ def _expected(name, sizes, settings, model, params, per_device) -> dict[str, flo
   if name in ("dp_tp", "fsdp_tp"):
     t = sizes["tensor"]
     # Megatron: all-reduce of the block's [rows, seq, d] output after attention and after the
-    # MLP, forward and (for their inputs' gradients) backward; gradients of the tensor-split
+    # MLP, forward and (for their inputs' gradients) backward, plus the vocab-parallel embedding
+    # lookup (forward) and LM head input gradient (backward); gradients of the tensor-split
     # parameters reduced over the data-parallel axis.
-    out = {"all-reduce": 4 * layers * act}
+    out = {"all-reduce": (4 * layers + 2) * act}
     if name == "fsdp_tp":
       out.update({"all-gather": 2 * g / t, "reduce-scatter": g / t})
     else:
@@ -91,7 +92,15 @@ def _expected(name, sizes, settings, model, params, per_device) -> dict[str, flo
     p, m = sizes["pipeline"], settings["pipeline_microbatches"]
     r = settings.get("pipeline_repeats", 1) if "circular" in name else 1
     mb = rows // m * SEQ * model.d_model * F32 + rows // m * F32  # Activation + aux row.
+    extra = {}
+    if r > 1:
+      # The stack is stored stage-contiguous (device s: layers s·L/p ...), while the circular
+      # schedule needs chunks k·p + s on device s: XLA re-lays the layer parameters out every
+      # step (gather the stack forward, all-to-all the gradient shards back).
+      stack = _tree_bytes(params["layers"])
+      extra = {"all-gather": stack, "all-to-all": stack / p}
     return {
+      **extra,
       # Every schedule step sends a microbatch forward; its gradient comes back.
       "collective-permute": 2 * (r * m + p - 1) * mb,
       # The last stage's outputs handed to all stages (and back), plus data-parallel gradients.
