@@ -149,7 +149,11 @@ def placement(
   """
   _, abstract, tx = abstract_state(model_cfg, train_cfg, objective_params)
   logical = rules_lib.logical_axes(nnx.state(nnx.eval_shape(lambda: build_model(model_cfg))))
-  rules = rules_lib.get_rules(parallel_cfg.get("rules", rules_lib.AUTO), dict(mesh.shape))
+  rules = rules_lib.get_rules(
+    parallel_cfg.get("rules", rules_lib.AUTO),
+    dict(mesh.shape),
+    sequence_parallel=parallel_cfg.get("sequence_parallel", False),
+  )
   specs = rules_lib.param_specs(logical, abstract.params, rules, mesh.shape)
   offload = bool(parallel_cfg.get("offload_opt_state", False))
   if offload:
