@@ -27,9 +27,9 @@ Unlike the unstructured methods, the shapes really shrink: the model is rebuilt 
             batches 0, 1, ..., through `training.steps.make_train_step`, on every parameter
             (LLM-Pruner tunes LoRA adapters; a full fine-tune is the simple equivalent at our size).
 
-The rule selects the attention mixers (`.*/mixer`) and/or MLP projections (`.*/mlp/.*`); with
-heads > 0 (neurons > 0) it must select every mixer (every MLP) of the model, since the config
-changes for all layers. It runs first in the prune stage (whole-model steps precede per-layer
+The rule selects the attention mixers and/or MLPs, each by its own path (`.*/mixer`) or any of
+its projections (`.*/mixer/.*`, `.*/mlp/.*`); with heads > 0 (neurons > 0) it must select every
+mixer (every MLP) of the model, since the config changes for all layers. It runs first in the prune stage (whole-model steps precede per-layer
 ones); later stages see the shrunk layers, and calibration inputs captured for `o` and `down`
 (GPTQ, AWQ, ...) are sliced to the kept units.
 """
@@ -114,7 +114,7 @@ def find_sites(model: nnx.Module, targets: list[Target], settings: dict) -> list
       f"structured pruning needs a DecoderLM / EncoderLM, got {type(model).__name__}"
     )
   chosen = {t.path: t for t in targets if t.kind == "attention"}
-  for t in targets:  # An MLP counts as selected when the rule selects any of its projections.
+  for t in targets:  # A mixer or MLP also counts as selected through any of its projections.
     chosen.setdefault(t.path[:-1], t)
   sites = []
   for path, node in nnx.iter_graph(model):
@@ -130,7 +130,7 @@ def find_sites(model: nnx.Module, targets: list[Target], settings: dict) -> list
         raise ValueError(
           f"structured {kind}={settings[kind]} changes every layer's shape, but the rule does not "
           f"select {where}; select all {'mixers' if kind == 'heads' else 'MLPs'} "
-          f"(e.g. {'.*/mixer' if kind == 'heads' else '.*/mlp/.*'})"
+          f"(e.g. {'.*/mixer/.*' if kind == 'heads' else '.*/mlp/.*'})"
         )
       sites.append(Site(tuple((*path, attr)), kind, chosen[(*path, attr)].layers))
   if not sites:
@@ -142,7 +142,7 @@ def _check_module(kind: str, where: str, module) -> None:
   if kind == "heads":
     names = ("q", "k", "v", "o")
     ok = isinstance(module, Attention) and set(nnx.to_pure_dict(nnx.state(module))) <= set(names)
-    expected = "softmax-attention mixers whose parameters are q/k/v/o"
+    expected = "attention mixers whose only parameters are q/k/v/o"
   else:
     names = ("gate", "up", "down") if isinstance(module, SwiGLU) else ("up", "down")
     ok = isinstance(module, SwiGLU | GeluMLP)

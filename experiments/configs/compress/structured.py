@@ -37,9 +37,10 @@ VARIANTS = (
   "heads25_neurons25_int8",
   "smoke",
 )
-HEADS = r".*/mixer"
+# The projections of every attention mixer / MLP (so the report counts their bytes).
+HEADS = r".*/mixer/.*"
 NEURONS = r".*/mlp/.*"
-BOTH = r".*/(mixer|mlp/.*)"
+BOTH = r".*/(mixer|mlp)/.*"
 
 
 def _rules(variant: str) -> list[dict]:
