@@ -7,6 +7,8 @@ run unchanged on one device or in someone else's project.
 
 Logical axes:
   batch, seq: activations' leading axes.
+  residual_seq: the sequence axis of the residual stream between blocks (and so of the norms);
+    split over `tensor` only under sequence parallelism, otherwise like `seq`.
   embed: model width.  vocab: vocabulary.  mlp: MLP hidden width.
   heads, kv_heads, head_dim: attention projections.  layers: the stacked (scanned) layer axis.
   expert: mixture-of-experts experts.  state: recurrent / state-space state width.

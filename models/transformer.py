@@ -65,21 +65,23 @@ class Block(nnx.Module):
     self.norm2 = norm2
 
   def __call__(self, x_btd, *, positions_bt, segment_ids_bt=None, cache=None, cache_index=None):
+    # Norm outputs are whole sequences (the mixer and MLP split heads / hidden units instead);
+    # the residual stream may be split along the sequence (`residual_seq`: sequence parallelism).
     h, cache = self.mixer(
-      self.norm1(x_btd),
+      constrain(self.norm1(x_btd), ("batch", "seq", "embed")),
       positions_bt=positions_bt,
       segment_ids_bt=segment_ids_bt,
       cache=cache,
       cache_index=cache_index,
     )
-    x_btd = x_btd + h.astype(x_btd.dtype)
-    mlp_out = self.mlp(self.norm2(x_btd))
+    x_btd = constrain(x_btd + h.astype(x_btd.dtype), ("batch", "residual_seq", "embed"))
+    mlp_out = self.mlp(constrain(self.norm2(x_btd), ("batch", "seq", "embed")))
     # An MLP may return (output, aux_loss), e.g. a mixture of experts.
     aux = jnp.zeros((), jnp.float32)
     if isinstance(mlp_out, tuple):
       mlp_out, aux = mlp_out
     x_btd = x_btd + mlp_out.astype(x_btd.dtype)
-    return constrain(x_btd, ("batch", "seq", "embed")), cache, aux
+    return constrain(x_btd, ("batch", "residual_seq", "embed")), cache, aux
 
   def init_cache(self, batch: int, max_len: int):
     init = getattr(self.mixer, "init_cache", None)
@@ -274,7 +276,7 @@ class DecoderLM(nnx.Module):
     """
     if positions_bt is None:
       positions_bt = _positions(tokens_bt, cache_index)
-    x = constrain(self.embed(tokens_bt), ("batch", "seq", "embed"))
+    x = constrain(self.embed(tokens_bt), ("batch", "residual_seq", "embed"))
     embedded = x
     x, cache, aux, *hidden = self.layers(
       x,
@@ -331,7 +333,7 @@ class EncoderLM(nnx.Module):
     del cache_index
     if positions_bt is None:
       positions_bt = _positions(tokens_bt, None)
-    x = constrain(self.embed(tokens_bt), ("batch", "seq", "embed"))
+    x = constrain(self.embed(tokens_bt), ("batch", "residual_seq", "embed"))
     x, _, aux = self.layers(x, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt)
     x = self.final_norm(x)
     x = self.head_norm(jax.nn.gelu(self.head_dense(x)))

@@ -30,6 +30,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     expert_dispatch: With expert > 1: "all_to_all" (parallel.experts: tokens exchanged by
       all-to-all, capacity per expert-parallel group) or "spmd" (the model's own dispatch,
       partitioned by XLA from the rules).
+    sequence_parallel: With tensor > 1, also split the residual stream and norms along the
+      sequence over `tensor` (Megatron sequence parallelism; see `parallel.rules`).
     offload_opt_state: Keep the optimizer state in host memory ("pinned_host" memory kind)
       between steps, where the backend has it.
   """
@@ -46,6 +48,7 @@ def get_default_config() -> ml_collections.ConfigDict:
       "pipeline_schedule": "gpipe",
       "pipeline_repeats": 2,
       "expert_dispatch": "all_to_all",
+      "sequence_parallel": False,
       "offload_opt_state": False,
     }
   )
@@ -59,6 +62,7 @@ SETTINGS = (
   "pipeline_schedule",
   "pipeline_repeats",
   "expert_dispatch",
+  "sequence_parallel",
   "offload_opt_state",
 )
 

@@ -13,6 +13,13 @@ rules table maps those names to mesh axes. Each mesh axis has one role:
   expert    expert; batch                          (expert parallel; the expert axis is also a
                                                     data-parallel axis for everything else)
 
+Sequence parallelism (`parallel.sequence_parallel=True`, with tensor > 1; Korthikanti et al.
+2022) also splits `residual_seq` over `tensor`: the residual stream and the norms between the
+tensor-parallel regions hold 1/t of the sequence, and each block-output all-reduce becomes a
+reduce-scatter plus an all-gather before the next mixer or MLP (the same bytes on a ring; the
+norms' activations and work divided by t). A sequence length not divisible by `tensor` leaves
+the residual unsplit.
+
 A preset names the mesh axes a strategy uses; its table is the union of their roles. Mesh axes of
 size > 1 outside the preset are an error (their devices would only repeat work). "auto" uses every
 axis whose size is > 1. A mesh axis is used at most once per array (see
@@ -40,6 +47,7 @@ from parallel.mesh import AXES
 LOGICAL_AXES = (
   "batch",
   "seq",
+  "residual_seq",
   "embed",
   "heads",
   "kv_heads",
@@ -92,23 +100,29 @@ def preset_axes(name: str, sizes: Mapping[str, int] | None = None) -> tuple[str,
   return PRESETS[name]
 
 
-def make_rules(axes: tuple[str, ...]) -> Rules:
+def make_rules(axes: tuple[str, ...], *, sequence_parallel: bool = False) -> Rules:
   """The rules table of a strategy using mesh `axes`: every logical name, in LOGICAL_AXES order.
 
   A name split over several mesh axes lists them in mesh order (data, fsdp, ..., expert).
+  `sequence_parallel` adds `residual_seq` to the roles of `tensor` (when `axes` has it).
   """
+  roles = dict(ROLES)
+  if sequence_parallel:
+    roles["tensor"] = (*roles["tensor"], "residual_seq")
   table = []
   for name in LOGICAL_AXES:
-    mesh_axes = tuple(a for a in AXES if a in axes and name in ROLES[a])
+    mesh_axes = tuple(a for a in AXES if a in axes and name in roles[a])
     table.append(
       (name, None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     )
   return tuple(table)
 
 
-def get_rules(name: str, sizes: Mapping[str, int] | None = None) -> Rules:
+def get_rules(
+  name: str, sizes: Mapping[str, int] | None = None, *, sequence_parallel: bool = False
+) -> Rules:
   """The rules table of preset `name` (for "auto", of the mesh axes of size > 1 in `sizes`)."""
-  return make_rules(preset_axes(name, sizes))
+  return make_rules(preset_axes(name, sizes), sequence_parallel=sequence_parallel)
 
 
 def batch_axes(rules: Rules) -> tuple[str, ...]:
@@ -145,6 +159,9 @@ def validate(parallel_cfg, model_cfg, sizes: Mapping[str, int]) -> Rules:
         f"parallel.{axis}={sizes[axis]} but parallel.rules={name!r} does not use the {axis} axis; "
         f"use a preset that does ({', '.join(users)}) or 'auto'"
       )
+  sequence_parallel = parallel_cfg.get("sequence_parallel", False)
+  if not isinstance(sequence_parallel, bool):
+    raise ValueError(f"parallel.sequence_parallel={sequence_parallel!r} must be True or False")
   warn_mb = parallel_cfg.get("warn_replicated_mb", 0.0)
   if warn_mb < 0:
     raise ValueError(f"parallel.warn_replicated_mb={warn_mb} must be >= 0 (0 disables the check)")
@@ -190,7 +207,7 @@ def validate(parallel_cfg, model_cfg, sizes: Mapping[str, int]) -> Rules:
         f"got model.mlp={model_cfg.mlp!r}"
       )
     divides("model.mlp_options.num_experts", experts, "expert")
-  return make_rules(axes)
+  return make_rules(axes, sequence_parallel=sequence_parallel)
 
 
 def pipeline_microbatches(parallel_cfg, sizes: Mapping[str, int]) -> int:
@@ -331,7 +348,9 @@ def check_replicated(abstract_params, specs: dict, rules: Rules, warn_mb: float)
 
   Pure data parallelism replicates every parameter by design, so nothing is reported there.
   """
-  shards_params = any(target is not None for name, target in rules if name not in ("batch", "seq"))
+  shards_params = any(
+    target is not None for name, target in rules if name not in ("batch", "seq", "residual_seq")
+  )
   if not warn_mb or not shards_params:
     return []
   found = replicated_params(abstract_params, specs, warn_mb * 2**20)

@@ -40,6 +40,7 @@ STRATEGIES = [
   ("dp", "dp", {"data": 8}, {}, "dense"),
   ("fsdp", "fsdp", {"fsdp": 8}, {}, "dense"),
   ("dp_tp", "dp_tp", {"data": 2, "tensor": 4}, {}, "dense"),
+  ("dp_tp sp", "dp_tp", {"data": 2, "tensor": 4}, {"sequence_parallel": True}, "dense"),
   ("fsdp_tp", "fsdp_tp", {"fsdp": 4, "tensor": 2}, {}, "dense"),
   ("dp_pp gpipe", "dp_pp", {"data": 4, "pipeline": 2}, {"pipeline_microbatches": 4}, "dense"),
   (
@@ -76,6 +77,11 @@ def _expected(name, sizes, settings, model, params, per_device) -> dict[str, flo
   if name == "fsdp":
     # ZeRO-3: gather every parameter forward and again backward, reduce-scatter the gradients.
     return {"all-gather": 2 * g, "reduce-scatter": g}
+  if name == "dp_tp sp":
+    # Sequence parallel: each of those activation all-reduces becomes a reduce-scatter to the
+    # sequence-split residual plus an all-gather before the next mixer/MLP (same ring bytes).
+    n = (4 * layers + 2) * act
+    return {"reduce-scatter": n, "all-gather": n, "all-reduce": g_dev}
   if name in ("dp_tp", "fsdp_tp"):
     t = sizes["tensor"]
     # Megatron: all-reduce of the block's [rows, seq, d] output after attention and after the

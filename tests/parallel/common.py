@@ -44,9 +44,10 @@ def batch(i: int, model=MODEL) -> dict[str, np.ndarray]:
   }
 
 
-def parallel_config(preset: str, **sizes):
+def parallel_config(preset: str, **settings):
+  """The `parallel` section for `preset` with mesh sizes and other settings (data defaults to 1)."""
   cfg = mesh_lib.get_default_config()
-  cfg.update({"data": 1, "rules": preset, **sizes})
+  cfg.update({"data": 1, "rules": preset, **settings})
   return cfg
 
 

@@ -21,6 +21,7 @@ STRATEGIES = {
   "dp": ("dp", {"data": 8}, {}, "dense"),
   "fsdp": ("fsdp", {"fsdp": 8}, {}, "dense"),
   "dp_tp": ("dp_tp", {"data": 2, "tensor": 4}, {}, "dense"),
+  "dp_tp_sp": ("dp_tp", {"data": 2, "tensor": 4}, {"sequence_parallel": True}, "dense"),
   "fsdp_tp": ("fsdp_tp", {"fsdp": 4, "tensor": 2}, {}, "dense"),
   "dp_pp": ("dp_pp", {"data": 4, "pipeline": 2}, {}, "dense"),
   "dp_pp_circular": (
@@ -144,6 +145,24 @@ def test_tensor_parallel_all_reduces_block_outputs(runs):
     if op.kind == "all-reduce" and op.count == common.MODEL.num_layers and op.bytes == act_bytes
   ]
   assert len(per_layer) == 4 and all(op.group_size == 4 for op in per_layer)
+
+
+def test_sequence_parallel_splits_the_residual_stream(runs):
+  """Sequence parallelism: the block outputs are no longer all-reduced whole; each layer gathers
+  the sequence-split residual back ([rows, seq, d] all-gathers over the tensor group of 4: before
+  attention and before the MLP, forward, and again in the backward pass's rematerialised or
+  transposed uses). (XLA:CPU all-reduces then slices where TPU emits a reduce-scatter, so the
+  reduction side is not asserted here; the parallel benchmark reports the TPU compile.)"""
+  act_bytes = common.BATCH // 2 * common.SEQ * common.MODEL.d_model * 4
+  ops = comm.parse_hlo(runs("dp_tp_sp")[2])
+  gathers = [
+    op
+    for op in ops
+    if op.kind == "all-gather" and op.count == common.MODEL.num_layers and op.bytes == act_bytes
+  ]
+  assert len(gathers) >= 2 and all(op.group_size == 4 for op in gathers)
+  baseline = [op for op in comm.parse_hlo(runs("dp_tp")[2]) if op.kind == "all-gather"]
+  assert not [op for op in baseline if op.bytes == act_bytes]
 
 
 def test_expert_parallel_exchanges_tokens_all_to_all(runs):
