@@ -24,8 +24,7 @@ from experiments.configs import shakespeare_char
 from models import ModelConfig, build_model
 from tests.shared_runs import shared_dir
 from training import Checkpointer, load_run, model_config, train_and_evaluate, validate_experiment
-from training.optim import build_optimizer
-from training.steps import OBJECTIVE_PARAMS, TrainState, make_train_step
+from training.steps import OBJECTIVE_PARAMS
 
 
 def _softmax(x):
@@ -37,28 +36,32 @@ def _logits(seed, shape=(2, 3, 7), scale=3.0):
   return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
 
 
+kl = jax.jit(distill.soft_kl)  # One compile instead of one per op.
+
+
 def test_soft_kl_equals_its_formula_and_is_zero_on_equal_logits():
   t, s = _logits(0), _logits(1)
   for temp in (1.0, 2.5):
     p, q = _softmax(t.astype(np.float64) / temp), _softmax(s.astype(np.float64) / temp)
     expected = np.sum(p * np.log(p / q), axis=-1)
-    np.testing.assert_allclose(distill.soft_kl(t, s, temp), expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(distill.soft_kl(t, t, 2.0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(kl(t, s, temp), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(kl(t, t, 2.0), 0.0, atol=1e-6)
 
 
 def test_logit_losses_mix_and_gradient_match_the_formula():
   t, s = _logits(2), _logits(3)
   targets = np.random.default_rng(4).integers(0, 7, size=(2, 3))
   temp, alpha = 3.0, 0.3
-  total, ce, kl = distill.logit_losses(s, t, targets, temperature=temp, alpha=alpha)
+  losses = jax.jit(distill.logit_losses, static_argnames=("temperature", "alpha"))
+  total, ce, soft = losses(s, t, targets, temperature=temp, alpha=alpha)
   logq = np.log(_softmax(s.astype(np.float64)))
   expected_ce = -np.take_along_axis(logq, targets[..., None], -1)[..., 0]
   np.testing.assert_allclose(ce, expected_ce, rtol=1e-5)
-  np.testing.assert_allclose(total, (1 - alpha) * ce + alpha * temp**2 * kl, rtol=1e-6)
+  np.testing.assert_allclose(total, (1 - alpha) * ce + alpha * temp**2 * soft, rtol=1e-6)
   # d/ds [T^2 KL(p_T || q_T)] = T (softmax(s / T) - softmax(t / T)): the T^2 factor keeps the soft
   # gradient's scale; the CE part adds softmax(s) - onehot.
-  grad = jax.grad(
-    lambda z: jnp.sum(distill.logit_losses(z, t, targets, temperature=temp, alpha=alpha)[0])
+  grad = jax.jit(
+    jax.grad(lambda z: jnp.sum(losses(z, t, targets, temperature=temp, alpha=alpha)[0]))
   )(s)
   onehot = np.eye(7)[targets]
   expected = (1 - alpha) * (_softmax(s) - onehot) + alpha * temp * (
@@ -72,7 +75,7 @@ def test_high_temperature_limit_is_logit_matching():
   t, s = _logits(5, scale=1.0), _logits(6, scale=1.0)
   t, s = t - t.mean(-1, keepdims=True), s - s.mean(-1, keepdims=True)
   limit = np.sum((s - t) ** 2, -1) / (2 * t.shape[-1])
-  at = lambda temp: temp**2 * np.asarray(distill.soft_kl(t, s, temp))
+  at = lambda temp: temp**2 * np.asarray(kl(t, s, temp))
   np.testing.assert_allclose(at(200.0), limit, rtol=2e-2)
   assert np.max(np.abs(at(1.0) - limit) / limit) > 0.05  # Not already there at T = 1.
 
@@ -88,10 +91,11 @@ def test_hidden_mse_with_projection_equals_naive_loop():
     for b in range(3):
       for i in range(4):
         expected[b, i] += np.mean((hs[p, b, i] @ w[p] - ht[p, b, i]) ** 2) / 2
-  np.testing.assert_allclose(distill.hidden_mse(hs, ht, proj), expected, rtol=1e-5)
+  mse = nnx.jit(distill.hidden_mse)
+  np.testing.assert_allclose(mse(hs, ht, proj), expected, rtol=1e-5)
   same = rng.normal(size=(2, 3, 4, 6)).astype(np.float32)
   np.testing.assert_allclose(
-    distill.hidden_mse(same, ht, None), np.mean((same - ht) ** 2, axis=(0, -1)), rtol=1e-6
+    mse(same, ht, None), np.mean((same - ht) ** 2, axis=(0, -1)), rtol=1e-6
   )
 
 
@@ -110,39 +114,26 @@ def _build(cfg, seed):
   return jax.jit(lambda: build_model(cfg, seed=seed))()  # Op-by-op creation is slow on CPU.
 
 
-def test_teacher_gets_no_gradient_and_projection_trains_with_student():
+def test_teacher_gets_no_gradient_and_projection_gets_one():
   teacher, student_cfg = _build(_tiny(16, 2), 1), _tiny(8, 1)
   d = distill.get_default_config()
   d.update(hidden_weight=1.0, layer_map="1:2")
   objective = distill.white_box_objective(d, teacher, student_cfg)
   graphdef, params = nnx.split(_build(student_cfg, 0))
-  params = {**nnx.to_pure_dict(params), OBJECTIVE_PARAMS: objective.init_params()}
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 11, size=(2, 6)).astype(np.int32)
+  tokens = np.random.default_rng(0).integers(0, 11, size=(2, 6)).astype(np.int32)
   batch = {"inputs": tokens, "targets": np.roll(tokens, -1, 1), "weights": np.ones((2, 6))}
 
-  def loss_wrt_teacher(frozen):
-    out = nnx.merge(graphdef, {k: v for k, v in params.items() if k != OBJECTIVE_PARAMS})(
-      batch["inputs"], return_hidden=True
-    )
-    return objective.loss(out, batch, params[OBJECTIVE_PARAMS], frozen)[0]
+  @jax.jit
+  def grads(proj, frozen):
+    def loss(proj, frozen):
+      out = objective.forward(nnx.merge(graphdef, params), batch["inputs"])
+      return objective.loss(out, batch, proj, frozen)[0]
 
-  grads = jax.jit(jax.grad(loss_wrt_teacher))(objective.frozen)
-  assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
+    return jax.grad(loss, argnums=(0, 1))(proj, frozen)
 
-  tc = shakespeare_char.get_config("smoke").train
-  tx = build_optimizer(tc, params)
-  step = jax.jit(make_train_step(graphdef, tx, objective=objective))
-  frozen_before = jax.tree.map(np.array, objective.frozen)
-  state, metrics = step(TrainState.create(params, tx), batch, objective.frozen)
-  state, metrics = step(state, batch, objective.frozen)
-  assert {"ce", "kl", "hidden_mse"} <= set(metrics)
-  for before, after in zip(
-    jax.tree.leaves(frozen_before), jax.tree.leaves(objective.frozen), strict=True
-  ):
-    np.testing.assert_array_equal(before, np.asarray(after))
-  old, new = params[OBJECTIVE_PARAMS]["kernel"], state.params[OBJECTIVE_PARAMS]["kernel"]
-  assert not np.array_equal(np.asarray(old), np.asarray(new))  # The projection is trained.
+  proj_grads, teacher_grads = grads(objective.init_params(), objective.frozen)
+  assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(teacher_grads))
+  assert np.any(np.asarray(proj_grads["kernel"]))  # Trained with the student (the loop test).
 
 
 # ---------------------------------------------------------------------------------------------
