@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import math
 import os
 import platform
 import sys
@@ -364,16 +365,9 @@ def projection_shapes(model) -> list[tuple[int, int, str]]:
   shapes: dict[tuple[int, int], list[str]] = {}
   for t in find_targets(model):
     if t.kind == "linear":
-      k, n = int(_prod(t.in_shape)), int(_prod(t.out_shape))
+      k, n = math.prod(t.in_shape), math.prod(t.out_shape)
       shapes.setdefault((k, n), []).append(t.name.split("/")[-1])
   return [(k, n, "+".join(sorted(set(names)))) for (k, n), names in shapes.items()]
-
-
-def _prod(xs) -> int:
-  out = 1
-  for x in xs:
-    out *= x
-  return out
 
 
 def scaled_shapes(width: int) -> list[tuple[int, int, str]]:
