@@ -149,32 +149,11 @@ def _plain(value):
   return json.loads(json.dumps(value, default=lambda o: o.to_dict()))
 
 
-def drop_unmatched_keeps(cfg, model) -> list[str]:
-  """Removes "none" rules that select no module of `model`; returns their paths.
-
-  A "none" rule only shields modules from later rules, so one that matches nothing changes
-  nothing, but the pipeline rejects every rule that matches nothing: the prune configs keep
-  `lm_head` float, and a model with tied embeddings has no `lm_head`.
-  """
-  from compress import find_targets, parse_rules
-
-  targets = find_targets(model)
-  keep, dropped = [], []
-  for raw, rule in zip(cfg.rules, parse_rules(cfg.rules, "compress.rules"), strict=True):
-    if rule.method.name == "none" and not any(rule.matches(t) for t in targets):
-      dropped.append(rule.path)
-    else:
-      keep.append(raw)
-  cfg.rules = keep
-  return dropped
-
-
-def run_spec_row(spec: str, run_dir: str, row_dir: str, ref_model, *, smoke: bool):
+def run_spec_row(spec: str, run_dir: str, row_dir: str, *, smoke: bool):
   """(report, compressed model); reuses row_dir's report when rules and source match."""
   from compress import load_compressed, pipeline
 
   cfg = compress_config(spec, smoke=smoke)
-  drop_unmatched_keeps(cfg, ref_model)
   path = os.path.join(row_dir, "report.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -435,7 +414,7 @@ def benchmark(
     row_dir = os.path.join(workdir, "rows", row.name)
     t0 = time.perf_counter()
     if row.spec is not None:
-      report, model = run_spec_row(row.spec, run_dir, row_dir, ref_model, smoke=smoke)
+      report, model = run_spec_row(row.spec, run_dir, row_dir, smoke=smoke)
     else:
       model = row.make(run_dir, row_dir)
       report = evaluate_model(model, ref_model, run_cfg, eval_batches)

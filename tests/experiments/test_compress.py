@@ -25,11 +25,24 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "experiments/configs/compress/quantize.py"
 
 
-def load_config_module():
-  spec = importlib.util.spec_from_file_location("_compress_quantize_config", CONFIG)
+def load_config_module(path=CONFIG):
+  spec = importlib.util.spec_from_file_location(f"_compress_{path.stem}_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_prune_variants_plan_on_tied_and_untied_models(tie):
+  """The prune rules select the block projections whether or not the model has an lm_head."""
+  import dataclasses
+
+  from compress.rules import make_plan
+
+  module = load_config_module(ROOT / "experiments/configs/compress/prune.py")
+  model = build_model(dataclasses.replace(CFG, tie_embeddings=tie))
+  for variant in module.VARIANTS:
+    make_plan(model, module.get_config(variant).rules)
 
 
 def test_every_variant_validates():

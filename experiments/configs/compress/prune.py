@@ -28,8 +28,9 @@ VARIANTS = (
   "svd_energy90",
   "smoke",
 )
-HEAD = r"lm_head"
-ALL = r".*"
+# Block projections only: the output head (absent when tied to the embeddings) and the
+# embeddings stay float.
+ALL = r"layers/.*"
 
 
 def _rules(variant: str) -> list[dict]:
@@ -43,10 +44,7 @@ def _rules(variant: str) -> list[dict]:
     "svd_energy90": ("svd", {"energy": 0.9}),
   }
   method, settings = one[variant]
-  rules = [
-    {"path": HEAD, "method": "none"},
-    {"path": ALL, "method": method, "settings": settings},
-  ]
+  rules = [{"path": ALL, "method": method, "settings": settings}]
   if variant == "sparsegpt_2_4_int8":
     rules.append({"path": ALL, "method": "int8"})
   return rules
