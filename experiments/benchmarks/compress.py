@@ -295,33 +295,12 @@ def _time_calls(fns: dict, repeats: int) -> dict:
 
 def matmul_row(m: int, k: int, n: int, repeats: int) -> dict:
   """f32, bf16, int8 x int8 -> int32 and the whole W8A8 layer on one [M, K] x [K, N] problem."""
-  import jax
-  import jax.numpy as jnp
   import numpy as np
-  from jax import lax
 
-  from kernels_pallas.quant_matmul import int8_int8_matmul, quantize_int8, quantize_rows_int8
+  from experiments.benchmarks.quant_matmul import matmul_variants
 
-  kx, kw = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(kx, (m, k), jnp.float32)
-  w = jax.random.normal(kw, (k, n), jnp.float32)
-  w_q, w_scale = quantize_int8(w)
-  x_q, _ = quantize_rows_int8(x)
-
-  def int8_dot(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-
-  def w8a8(x, w_q, w_scale):
-    xq, xs = quantize_rows_int8(x)
-    return int8_int8_matmul(xq, w_q, xs, w_scale, implementation="reference")
-
-  bf16 = lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)  # noqa: E731
-  fns = {
-    "f32": (jax.jit(jnp.matmul), (x, w)),
-    "bf16": (jax.jit(bf16), (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))),
-    "int8": (jax.jit(int8_dot), (x_q, w_q)),
-    "w8a8": (jax.jit(w8a8), (x, w_q, w_scale)),
-  }
+  fns = matmul_variants(m, k, n)
+  x_q, w_q = fns["int8"][1]
   got = np.asarray(fns["int8"][0](x_q, w_q))[:4, :8]  # The int8 dot must be exact.
   want = np.asarray(x_q[:4], np.int64) @ np.asarray(w_q[:, :8], np.int64)
   np.testing.assert_array_equal(got, want)

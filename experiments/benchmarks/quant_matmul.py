@@ -45,8 +45,9 @@ FLAGS = flags.FLAGS
 VARIANTS = ("f32", "int8", "w8a8", "bf16")
 
 
-def _variants(m: int, k: int, n: int):
-  """{name: (jitted fn, args)} for one shape, inputs already on device."""
+def matmul_variants(m: int, k: int, n: int):
+  """{name: (jitted fn, args)} of f32, int8 x int8 -> int32, the whole W8A8 layer (activation
+  quantization included) and bf16 for one [m, k] x [k, n] product, inputs already on device."""
   import jax
   import jax.numpy as jnp
   from jax import lax
@@ -96,7 +97,7 @@ def _measure(shape: tuple[int, int, int]) -> dict:
   import numpy as np
 
   m, k, n = shape
-  variants = _variants(m, k, n)
+  variants = matmul_variants(m, k, n)
   for fn, args in variants.values():  # Compile and warm up.
     fn(*args).block_until_ready()
   rel = _check(variants)
