@@ -5,6 +5,8 @@ import os
 import pathlib
 import shutil
 
+import numpy as np
+
 
 def shared_dir(tmp_path_factory, name: str, build) -> pathlib.Path:
   """`build(path)` once per test session, shared by all xdist workers (guarded by a file lock)."""
@@ -19,3 +21,16 @@ def shared_dir(tmp_path_factory, name: str, build) -> pathlib.Path:
       build(path)
       (root / f"{name}.done").write_text("")
   return path
+
+
+def pseudo_english(n_chars: int) -> str:
+  """Deterministic pseudo-English with enough structure for a char model to learn a little (a
+  stand-in for Tiny Shakespeare where ../shared/data is absent, as in CI)."""
+  rng = np.random.default_rng(0)
+  words = ["to", "be", "or", "not", "the", "king", "lord", "my", "thou", "art", "so", "fair"]
+  out, size = [], 0
+  while size < n_chars:
+    line = " ".join(rng.choice(words, size=rng.integers(3, 9))).capitalize() + ".\n"
+    out.append(line)
+    size += len(line)
+  return "".join(out)

@@ -22,7 +22,7 @@ from compress import distill
 from experiments.configs import distill as distill_configs
 from experiments.configs import shakespeare_char
 from models import ModelConfig, build_model
-from tests.shared_runs import shared_dir
+from tests.shared_runs import pseudo_english, shared_dir
 from training import Checkpointer, load_run, model_config, train_and_evaluate, validate_experiment
 from training.steps import OBJECTIVE_PARAMS
 
@@ -144,7 +144,11 @@ def test_teacher_gets_no_gradient_and_projection_gets_one():
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
   def build(workdir):
+    # Teacher and students read the same generated text (no dependence on ../shared/data).
+    workdir.mkdir(parents=True)
+    (workdir / "text.txt").write_text(pseudo_english(60_000))
     cfg = shakespeare_char.get_config("smoke")
+    cfg.data.path = str(workdir / "text.txt")
     cfg.data.batch_size = 8  # Splits over the 8 test devices.
     cfg.report.measure_peak = False
     cfg.checkpoint.update(keep_best=False, async_save=False)
@@ -155,6 +159,7 @@ def teacher_dir(tmp_path_factory):
 
 def student(teacher_dir, **distill_settings):
   cfg = distill_configs.get_config("smoke")
+  cfg.data.path = str(teacher_dir / "text.txt")
   cfg.data.batch_size = 8
   cfg.report.measure_peak = False
   cfg.checkpoint.update(keep_best=False, async_save=False, every=0)

@@ -10,20 +10,9 @@ import sys
 import numpy as np
 
 from metrics import pareto_front
+from tests.shared_runs import pseudo_english
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _text(n_chars: int) -> str:
-  """Deterministic pseudo-English with enough structure for a char model to learn a little."""
-  rng = np.random.default_rng(0)
-  words = ["to", "be", "or", "not", "the", "king", "lord", "my", "thou", "art", "so", "fair"]
-  out, size = [], 0
-  while size < n_chars:
-    line = " ".join(rng.choice(words, size=rng.integers(3, 9))).capitalize() + ".\n"
-    out.append(line)
-    size += len(line)
-  return "".join(out)
 
 
 def _run(*args, cwd=ROOT):
@@ -36,7 +25,7 @@ def _run(*args, cwd=ROOT):
 
 def test_smoke_writes_consistent_table(tmp_path):
   data = tmp_path / "text.txt"
-  data.write_text(_text(40_000))
+  data.write_text(pseudo_english(40_000))
   results = tmp_path / "results"
   proc = _run(
     "--smoke",
