@@ -15,10 +15,11 @@ rules table maps those names to mesh axes. Each mesh axis has one role:
 
 Sequence parallelism (`parallel.sequence_parallel=True`, with tensor > 1; Korthikanti et al.
 2022) also splits `residual_seq` over `tensor`: the residual stream and the norms between the
-tensor-parallel regions hold 1/t of the sequence, and each block-output all-reduce becomes a
-reduce-scatter plus an all-gather before the next mixer or MLP (the same bytes on a ring; the
-norms' activations and work divided by t). A sequence length not divisible by `tensor` leaves
-the residual unsplit.
+tensor-parallel regions hold 1/t of the sequence (their activations and work divided by t). In
+Megatron each block-output all-reduce becomes a reduce-scatter plus an all-gather; from these
+constraints alone XLA's partitioner currently all-reduces and then re-splits with an all-to-all
+(more bytes; see experiments/benchmarks/parallel.py). A sequence length not divisible by `tensor`
+leaves the residual unsplit.
 
 A preset names the mesh axes a strategy uses; its table is the union of their roles. Mesh axes of
 size > 1 outside the preset are an error (their devices would only repeat work). "auto" uses every
