@@ -25,7 +25,7 @@ import numpy as np
 
 from compress.layers import CompressedLinear
 from compress.registry import is_int, is_num, number, register
-from compress.targets import set_module, target_at
+from compress.targets import install, target_at
 
 
 class LowRankLinear(CompressedLinear):
@@ -147,19 +147,7 @@ def _factorize(model, targets, calibration, settings, *, aware: bool, density: f
       sparse = [sparse_residual(w[i] - a @ b, count) for i, (a, b) in enumerate(ab)]
       arrays["values"] = np.stack([v for v, _ in sparse]).astype(np.float32)
       arrays["rows"] = np.stack([r for _, r in sparse])
-    if not t.lead:
-      arrays = {key: v[0] for key, v in arrays.items()}
-    new = cls(
-      arrays,
-      in_shape=t.in_shape,
-      out_shape=t.out_shape,
-      in_axis=t.in_axis,
-      out_axis=t.out_axis,
-      lead=t.lead,
-      dtype=t.module.dtype,
-      bias=t.bias(),
-    )
-    set_module(model, t.path, new)
+    new = install(model, t, cls, arrays)
     manifest.append({"path": list(t.path), "module": new.spec()})
   return manifest
 

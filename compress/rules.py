@@ -35,7 +35,7 @@ from flax import nnx
 
 from compress import registry
 from compress.registry import Dense, Method, Replacement
-from compress.targets import Target, find_targets, set_module, target_at
+from compress.targets import Target, find_targets, install, target_at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,17 +327,4 @@ def _install(model, target: Target, result, rule: Rule):
     return None
   if not isinstance(result, Replacement):
     raise TypeError(f"method {rule.method.name} returned {type(result).__name__}")
-  arrays = result.arrays if target.lead else {k: v[0] for k, v in result.arrays.items()}
-  new = result.cls(
-    arrays,
-    in_shape=target.in_shape,
-    out_shape=target.out_shape,
-    in_axis=target.in_axis,
-    out_axis=target.out_axis,
-    lead=target.lead,
-    dtype=target.module.dtype,
-    bias=target.bias(),
-    **result.static,
-  )
-  set_module(model, target.path, new)
-  return new
+  return install(model, target, result.cls, result.arrays, **result.static)

@@ -92,6 +92,26 @@ def set_module(root: nnx.Module, path, new: Any) -> None:
     setattr(parent, path[-1], new)
 
 
+def install(root: nnx.Module, target: "Target", cls: type, arrays: dict, **static) -> Any:
+  """Builds `cls` (a `CompressedLinear`) in `target`'s place from per-layer-stacked `arrays`
+  (leading axis dropped for an unstacked projection) and installs it; returns the new module."""
+  if not target.lead:
+    arrays = {key: value[0] for key, value in arrays.items()}
+  new = cls(
+    arrays,
+    in_shape=target.in_shape,
+    out_shape=target.out_shape,
+    in_axis=target.in_axis,
+    out_axis=target.out_axis,
+    lead=target.lead,
+    dtype=target.module.dtype,
+    bias=target.bias(),
+    **static,
+  )
+  set_module(root, target.path, new)
+  return new
+
+
 def _stack_layers(root, path, lead) -> tuple[int, ...]:
   if not lead:
     return ()
