@@ -101,15 +101,15 @@ def compile_for(device, fn, args):
 def xla_estimate(compiled) -> dict:
   """XLA's static cost model of a compiled program: optimal_seconds (ConcatBitcast-corrected),
   flops, bytes accessed, and how many while loops (bodies counted once) the HLO has."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  from parallel import aot
+
+  cost = aot.cost(compiled)
   text = compiled.as_text()
-  unknown = len(re.findall(r'custom_call_target="ConcatBitcast"', text))
   return {
-    "optimal_seconds": cost.get("optimal_seconds", 0.0) + unknown,
-    "flops": cost.get("flops", 0.0),
-    "bytes": cost.get("bytes accessed", 0.0),
-    "concat_bitcasts": unknown,
+    "optimal_seconds": cost["optimal_seconds"] or 0.0,
+    "flops": cost["flops"] or 0.0,
+    "bytes": cost["bytes_accessed"] or 0.0,
+    "concat_bitcasts": text.count('custom_call_target="ConcatBitcast"'),
     "while_loops": len(re.findall(r"\bwhile\(", text)),
   }
 

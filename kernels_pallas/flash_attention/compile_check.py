@@ -9,7 +9,6 @@ generations and production shapes, which take longer.
   JAX_PLATFORMS=cpu python3 -m kernels_pallas.flash_attention.compile_check [v5e:2x2 v6e:2x2 ...]
 """
 
-import re
 import sys
 import time
 
@@ -19,6 +18,7 @@ import numpy as np
 from jax.experimental import topologies
 
 from kernels_pallas.flash_attention.api import flash_attention
+from parallel import aot
 
 TOPOLOGIES = ("v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2", "tpu7x:2x2x1")
 # (batch, seq, heads, kv_heads, head_dim, dtype, causal, segments)
@@ -59,14 +59,12 @@ def main(names):
       except Exception as err:  # Report and go on: one failing generation should not hide others.
         print(f"{name:12s} {shape}: FAILED {type(err).__name__}: {str(err).splitlines()[0][:200]}")
         continue
-      cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, list | tuple) else cost
-      unknown = len(re.findall(r'custom_call_target="ConcatBitcast"', compiled.as_text()))
-      optimal = cost.get("optimal_seconds", 0.0) + unknown
+      cost = aot.cost(compiled)  # optimal_seconds corrected for libtpu's ConcatBitcast "unknown"
+      optimal = cost["optimal_seconds"] or 0.0
       memory = compiled.memory_analysis()
       print(
         f"{name:12s} {device.device_kind:12s} {_describe(*shape):34s} compile {time.time() - start:5.1f}s"
-        f"  flops {cost.get('flops', 0):.3e}  optimal {optimal * 1e3:.3f} ms"
+        f"  flops {cost['flops'] or 0:.3e}  optimal {optimal * 1e3:.3f} ms"
         f"  args+temp {(memory.argument_size_in_bytes + memory.temp_size_in_bytes) / 2**20:.1f} MiB"
       )
 
