@@ -10,7 +10,7 @@ from compress.lowrank import LowRankLinear, LowRankSparseLinear, choose_rank, fa
 from compress.registry import METHODS
 from models import build_model
 from models.linear import Linear
-from tests.compress.common import CFG
+from tests.compress.common import CFG, random_calibration
 
 
 def settings(name="svd", **given):
@@ -79,12 +79,7 @@ def test_rules_replace_with_low_rank_layers():
     {"path": r".*/blocks/1/mlp/up", "method": "svd", "settings": {"energy": 1.0}},
   ]
   plan = make_plan(model, rules)
-  # Calibration inputs as `capture_inputs` gives them ([layers, tokens, K]), random for speed.
-  rng = np.random.default_rng(0)
-  calibration = {
-    t.name: rng.normal(size=(2, 64, t.module.kernel.shape[1])).astype(np.float32)
-    for t in plan.calibration_targets()
-  }
+  calibration = random_calibration(plan)
   result = apply_plan(model, plan, calibration)
   up, down = model.layers.groups.blocks[0].mlp.up, model.layers.groups.blocks[1].mlp.down
   assert isinstance(up, LowRankLinear) and isinstance(down, LowRankLinear)

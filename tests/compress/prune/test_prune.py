@@ -14,7 +14,7 @@ from compress.quantize import Int8Linear
 from compress.quantize.gptq import hessian
 from compress.registry import METHODS
 from models import build_model
-from tests.compress.common import CFG
+from tests.compress.common import CFG, random_calibration
 
 OUTLIERS = [1, 10, 22, 43, 57]  # Spread over different 2:4 groups.
 
@@ -123,12 +123,7 @@ def test_prune_then_int8_through_rules():
     {"path": r".*/mlp/.*", "method": "int8"},
   ]
   plan = make_plan(model, rules)
-  # Calibration inputs as `capture_inputs` gives them ([layers, tokens, K]), random for speed.
-  rng = np.random.default_rng(0)
-  calibration = {
-    t.name: rng.normal(size=(2, 64, t.module.kernel.shape[1])).astype(np.float32)
-    for t in plan.calibration_targets()
-  }
+  calibration = random_calibration(plan)
   result = apply_plan(model, plan, calibration)
   rows = {r["path"]: r for r in result.layers}
   assert rows["layers/groups/blocks/0/mlp/up"]["methods"] == ["wanda", "int8"]
