@@ -24,9 +24,9 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-import data as data_lib
-from compress.intercept import unfused_projections
-from compress.targets import Target, set_module
+from reslm import data as data_lib
+from reslm.compress.intercept import unfused_projections
+from reslm.compress.targets import Target, set_module
 
 
 def get_default_config() -> ml_collections.ConfigDict:

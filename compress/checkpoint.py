@@ -14,28 +14,30 @@ Weights changed in place (pruning) need no entry: the state carries them. Shapes
 model config (structured pruning) need none either: meta["model"] is the compressed model's config.
 """
 
-import importlib
 import os
 from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
-from compress.layers import CompressedLinear
-from compress.targets import get_module, set_module
-from models import ModelConfig, build_model
-from training.checkpoint import Checkpointer
+from reslm.compress import lowrank as _lowrank  # noqa: F401  (registers the low-rank layer kinds)
+from reslm.compress.layers import LAYER_KINDS, CompressedLinear
+from reslm.compress.quantize import layers as _quantized  # noqa: F401  (registers the quantized kinds)
+from reslm.compress.targets import get_module, set_module
+from reslm.models import ModelConfig, build_model
+from reslm.training.checkpoint import Checkpointer
 
 
-def _class(name: str) -> type:
-  module_name, _, qualname = name.rpartition(".")
-  try:
-    cls = getattr(importlib.import_module(module_name), qualname)
-  except (ImportError, AttributeError):
-    raise ValueError(f"compressed checkpoint names an unknown layer class {name!r}") from None
-  if not (isinstance(cls, type) and issubclass(cls, CompressedLinear)):
-    raise ValueError(f"compressed checkpoint names {name!r}, which is not a CompressedLinear")
-  return cls
+def _class(spec: dict[str, Any]) -> type[CompressedLinear]:
+  kind = spec.get("kind")
+  if kind is None and "class" in spec:  # Manifests written before layer kinds were registered.
+    by_qualname = {cls.__qualname__: k for k, cls in LAYER_KINDS.items()}
+    kind = by_qualname.get(spec["class"].rpartition(".")[2], spec["class"])
+  if kind not in LAYER_KINDS:
+    raise ValueError(
+      f"compressed checkpoint names an unknown layer kind {kind!r}; known: {', '.join(sorted(LAYER_KINDS))}"
+    )
+  return LAYER_KINDS[kind]
 
 
 def build_from_spec(spec: dict[str, Any], bias) -> CompressedLinear:
@@ -43,7 +45,7 @@ def build_from_spec(spec: dict[str, Any], bias) -> CompressedLinear:
   arrays = {
     name: jnp.zeros(a["shape"], jnp.dtype(a["dtype"])) for name, a in spec["arrays"].items()
   }
-  return _class(spec["class"])(
+  return _class(spec)(
     arrays,
     in_shape=spec["in_shape"],
     out_shape=spec["out_shape"],

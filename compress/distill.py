@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from training.steps import Objective
+from reslm.training.steps import Objective
 
 MODES = ("white_box", "black_box")
 PROMPTS = ("data", "bos")
@@ -197,7 +197,7 @@ def load_teacher(cfg: ml_collections.ConfigDict, model_cfg, dataset):
     ValueError: No trained run in `distill.teacher_workdir`, or a teacher whose vocabulary or
       tokenizer differs from the student's.
   """
-  from training import load_run  # Deferred: training imports this module lazily too.
+  from reslm.training import load_run  # Deferred: training imports this module lazily too.
 
   d = cfg.distill
   if not os.path.exists(os.path.join(d.teacher_workdir, "config.json")):
@@ -316,7 +316,7 @@ def sample_corpus(
   Returns:
     int32 [num_sequences, length].
   """
-  from inference import generate
+  from reslm.inference import generate
 
   n, p = prompts.shape
   if not 0 < p < length:
@@ -353,7 +353,7 @@ def corpus_prompts(cfg: ml_collections.ConfigDict, tokenizer, num: int) -> np.nd
         "distill.black_box.prompt='bos' but the tokenizer has no BOS token; use prompt='data'"
       )
     return np.full((num, 1), bos, np.int32)
-  import data as data_lib
+  from reslm import data as data_lib
 
   full = data_lib.build_dataset(cfg.data)  # All rows, whatever the process count.
   per = full.batch_size

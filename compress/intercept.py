@@ -12,7 +12,7 @@ If `fused_linear` itself learns to do this, the context becomes a no-op.
 import contextlib
 import sys
 
-from models import linear as linear_lib
+from reslm.models import linear as linear_lib
 
 _ORIGINAL = linear_lib.fused_linear
 

@@ -26,6 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# Kind name -> CompressedLinear subclass. Manifests store the name, not a Python import path, so a
+# checkpoint survives moving or renaming the module that defines the class.
+LAYER_KINDS: dict[str, type["CompressedLinear"]] = {}
+
 
 class Compressed(nnx.Variable):
   """Frozen storage of a compressed layer (quantized codes, scales, factors)."""
@@ -51,6 +55,17 @@ class CompressedLinear(nnx.Module):
   OPTIONAL: ClassVar[frozenset[str]] = frozenset()
   # Subclass constructor settings (JSON-able), with defaults.
   STATIC: ClassVar[dict[str, Any]] = {}
+  # Registered name of each concrete subclass, as stored in checkpoint manifests (`spec()["kind"]`).
+  KIND: ClassVar[str] = ""
+
+  def __init_subclass__(cls, *, kind: str, **kwargs):
+    super().__init_subclass__(**kwargs)
+    if kind in LAYER_KINDS:
+      raise ValueError(
+        f"compressed layer kind {kind!r} is already registered by {LAYER_KINDS[kind]}"
+      )
+    cls.KIND = kind
+    LAYER_KINDS[kind] = cls
 
   def __init__(
     self,
@@ -141,7 +156,7 @@ class CompressedLinear(nnx.Module):
   def spec(self) -> dict[str, Any]:
     """JSON description to rebuild this module's structure (checkpoint manifest)."""
     return {
-      "class": f"{type(self).__module__}.{type(self).__qualname__}",
+      "kind": self.KIND,
       "in_shape": list(self.in_shape),
       "out_shape": list(self.out_shape),
       "in_axis": self.in_axis,

@@ -23,12 +23,12 @@ weights (a flat spectrum at a high energy) is left dense: its report row still n
 import jax.numpy as jnp
 import numpy as np
 
-from compress.layers import CompressedLinear
-from compress.registry import is_int, is_num, number, register
-from compress.targets import install, target_at
+from reslm.compress.layers import CompressedLinear
+from reslm.compress.registry import is_int, is_num, number, register
+from reslm.compress.targets import install, target_at
 
 
-class LowRankLinear(CompressedLinear):
+class LowRankLinear(CompressedLinear, kind="low_rank"):
   """y = (x @ a) @ b; stores r(K + N) numbers instead of K · N."""
 
   ARRAYS = {"a": ("in", None), "b": (None, "out")}
@@ -42,7 +42,7 @@ class LowRankLinear(CompressedLinear):
     return arrays["a"].astype(jnp.float32) @ arrays["b"].astype(jnp.float32)
 
 
-class LowRankSparseLinear(CompressedLinear):
+class LowRankSparseLinear(CompressedLinear, kind="low_rank_sparse"):
   """y = (x @ a) @ b + x @ S, S [K, N] holding `values` [c, N] at rows `rows` [c, N] per column."""
 
   ARRAYS = {"a": ("in", None), "b": (None, "out"), "values": (None, "out"), "rows": (None, "out")}

@@ -30,14 +30,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-import data as data_lib
-from compress import calibration as calib_lib
-from compress import registry
-from compress.checkpoint import load_compressed, save_compressed
-from compress.intercept import unfused_projections
-from compress.rules import apply_plan, make_plan, parse_rules
-from compress.targets import get_module
-from metrics.params import param_bytes
+from reslm import data as data_lib
+from reslm.compress import calibration as calib_lib
+from reslm.compress import registry
+from reslm.compress.checkpoint import load_compressed, save_compressed
+from reslm.compress.intercept import unfused_projections
+from reslm.compress.rules import apply_plan, make_plan, parse_rules
+from reslm.compress.targets import get_module
+from reslm.metrics.params import param_bytes
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -102,8 +102,8 @@ def evaluate_pair(model, ref_model, batches, bytes_per_token):
   Metrics are `training.loop.evaluate`'s (loss, perplexity, accuracy, bits per byte); both models
   run in one compiled step per batch, compressed projections through their own matmuls.
   """
-  from training.loop import evaluate  # Training imports are heavy; only needed here.
-  from training.steps import weighted_losses
+  from reslm.training.loop import evaluate  # Training imports are heavy; only needed here.
+  from reslm.training.steps import weighted_losses
 
   fwd, params = _forward_fn(model)
   ref_fwd, ref_params = _forward_fn(ref_model)
@@ -133,7 +133,7 @@ def _bytes(module) -> int:
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, Any]:
   """Compresses the run in `workdir` by `cfg`, writes the checkpoint and report to `out`."""
-  from training import load_run
+  from reslm.training import load_run
 
   validate_config(cfg)
   times = {}

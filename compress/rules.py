@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from compress import registry
-from compress.registry import Dense, Method, Replacement
-from compress.targets import Target, find_targets, install, target_at
+from reslm.compress import registry
+from reslm.compress.registry import Dense, Method, Replacement
+from reslm.compress.targets import Target, find_targets, install, target_at
 
 
 @dataclasses.dataclass(frozen=True)

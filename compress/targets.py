@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from compress.layers import CompressedLinear
-from models.attention.base import Attention
-from models.linear import Linear, ProjectOut
+from reslm.compress.layers import CompressedLinear
+from reslm.models.attention.base import Attention
+from reslm.models.linear import Linear, ProjectOut
 
 
 @dataclasses.dataclass

@@ -4,10 +4,10 @@
 `(seed, step)` and holds only this process's rows of the global batch.
 """
 
-from data.pipeline import Dataset, build_dataset, get_default_config, validate_config
-from data.synthetic import TASKS, copy_task, evaluate_listops, listops, mqar
-from data.text import load_text
-from data.tokenizers import (
+from reslm.data.pipeline import Dataset, build_dataset, get_default_config, validate_config
+from reslm.data.synthetic import TASKS, copy_task, evaluate_listops, listops, mqar
+from reslm.data.text import load_text
+from reslm.data.tokenizers import (
   ByteTokenizer,
   CharTokenizer,
   SentencePieceTokenizer,

@@ -24,8 +24,8 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
-from data import synthetic, tokenizers
-from data.text import load_text, looks_local
+from reslm.data import synthetic, tokenizers
+from reslm.data.text import load_text, looks_local
 
 Batch = dict[str, np.ndarray]
 # (rng, global_batch, rows of this process) -> this process's rows of a causal batch.

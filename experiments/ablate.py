@@ -84,7 +84,7 @@ def run_arm(task: dict, overrides: dict, workdir: str, steps: int) -> dict:
   if os.path.exists(done):
     with open(done) as f:
       return json.load(f)
-  from training import train_and_evaluate
+  from reslm.training import train_and_evaluate
 
   cfg = load_task_config(task["config"])
   apply_overrides(cfg, {**task.get("overrides", {}), **overrides})
@@ -128,7 +128,7 @@ def _plot(task_name: str, task: dict, rows: dict, cost: str, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from metrics import pareto_front
+  from reslm.metrics import pareto_front
 
   arms = [a for a, r in rows.items() if "error" not in r]
   xs = [rows[a][cost] for a in arms]

@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 @cli.one_line_errors
 def main(argv):
   del argv
-  from compress import pipeline
+  from reslm.compress import pipeline
 
   report = pipeline.run(FLAGS.config, FLAGS.workdir, FLAGS.out)
   print(pipeline.format_report(report))

@@ -24,9 +24,9 @@ def main(argv):
   import jax
   from flax import nnx
 
-  import data as data_lib
-  from training import load_run, make_eval_step
-  from training.loop import evaluate
+  from reslm import data as data_lib
+  from reslm.training import load_run, make_eval_step
+  from reslm.training.loop import evaluate
 
   cfg, model, _, step = load_run(FLAGS.workdir, best=FLAGS.best)
   dataset = data_lib.build_dataset(cfg.data)

@@ -46,9 +46,9 @@ def main(argv):
   import jax
   import numpy as np
 
-  from data.tokenizers import tokenizer_from_dict
-  from inference import generate
-  from training import load_run
+  from reslm.data.tokenizers import tokenizer_from_dict
+  from reslm.inference import generate
+  from reslm.training import load_run
 
   _, model, meta, _ = load_run(FLAGS.workdir, best=FLAGS.best)
   if model.cfg.kind != "decoder":

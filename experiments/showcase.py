@@ -3,9 +3,9 @@
 import jax
 import numpy as np
 
-import data as data_lib
-from inference import generate
-from training import load_run
+from reslm import data as data_lib
+from reslm.inference import generate
+from reslm.training import load_run
 
 
 def sample_from_run(workdir: str, max_new_tokens: int) -> str:

@@ -50,7 +50,7 @@ FLAGS = flags.FLAGS
 
 def plan(config, topology: str, workdir: str | None, estimate: bool) -> None:
   """--compile_only: print (and, with a workdir, save) the ahead-of-time compile report."""
-  from training import aot
+  from reslm.training import aot
 
   report = aot.compile_only(config, topology, estimate=estimate)
   print(aot.format_plan(report))
@@ -75,7 +75,7 @@ def main(argv):
   import jax
 
   if FLAGS.multihost:
-    from parallel import distributed
+    from reslm.parallel import distributed
 
     distributed.initialize(
       FLAGS.coordinator_address,
@@ -84,8 +84,8 @@ def main(argv):
       heartbeat_timeout=FLAGS.heartbeat_timeout,
     )
   from experiments import showcase
-  from metrics import format_report
-  from training import train_and_evaluate
+  from reslm.metrics import format_report
+  from reslm.training import train_and_evaluate
 
   result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if result.preempted:

@@ -1,5 +1,5 @@
 """Decoding: sampling rules and KV-cached generation inside one jitted loop."""
 
-from inference.sampling import generate, sample_logits
+from reslm.inference.sampling import generate, sample_logits
 
 __all__ = ["generate", "sample_logits"]

@@ -1,18 +1,18 @@
 """Efficiency metrics (survey arXiv 2401.00625, §9): parameters, FLOPs, MFU, memory, energy,
 carbon and cost, plus JSONL / TensorBoard metric writers."""
 
-from metrics.energy import EnergyMeter, EnergyReading
-from metrics.flops import (
+from reslm.metrics.energy import EnergyMeter, EnergyReading
+from reslm.metrics.flops import (
   memory_analysis,
   six_n_flops_per_token,
   transformer_flops_per_token,
   xla_cost,
 )
-from metrics.hardware import host_info, measure_matmul_peak, process_memory
-from metrics.params import count_params, param_bytes
-from metrics.pareto import pareto_front
-from metrics.report import build_report, format_report, get_default_config, write_report
-from metrics.writers import MetricWriter
+from reslm.metrics.hardware import host_info, measure_matmul_peak, process_memory
+from reslm.metrics.params import count_params, param_bytes
+from reslm.metrics.pareto import pareto_front
+from reslm.metrics.report import build_report, format_report, get_default_config, write_report
+from reslm.metrics.writers import MetricWriter
 
 __all__ = [
   "EnergyMeter",

@@ -12,7 +12,7 @@ import os
 import re
 import time
 
-from metrics import hardware
+from reslm.metrics import hardware
 
 ESTIMATE_SOURCE = "estimate (TDP × utilisation)"
 RAPL_SOURCE = "rapl"

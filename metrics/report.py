@@ -14,9 +14,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from metrics import energy as energy_lib
-from metrics import flops as flops_lib
-from metrics import hardware
+from reslm.metrics import energy as energy_lib
+from reslm.metrics import flops as flops_lib
+from reslm.metrics import hardware
 
 XLA_FLOPS_NOTE = (
   "XLA cost_analysis counts while-loop bodies once; scanned layers or microbatch loops undercount."

@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from models.registry import MIXERS, MLPS, NORMS, freeze_options, thaw_options
+from reslm.models.registry import MIXERS, MLPS, NORMS, freeze_options, thaw_options
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 KINDS = ("decoder", "encoder")

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.sharding import param
+from reslm.models.sharding import param
 
 
 class Embed(nnx.Module):

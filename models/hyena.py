@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import mixer_options
-from models.linear import Linear
-from models.longconv import (
+from reslm.models.attention.base import mixer_options
+from reslm.models.linear import Linear
+from reslm.models.longconv import (
   SHORT_CONV,
   LongConvMixer,
   ShortConv,
@@ -39,8 +39,8 @@ from models.longconv import (
   direct_causal_conv,
   kernel_layout,
 )
-from models.registry import MIXERS, check_int, check_option, is_int, is_number, layer_kwargs
-from models.sharding import param
+from reslm.models.registry import MIXERS, check_int, check_option, is_int, is_number, layer_kwargs
+from reslm.models.sharding import param
 
 DEFAULTS = {"order": 2, "filter_hidden": 64, "emb_dim": 17, "filter_freq": 1.0}
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.sharding import param
+from reslm.models.sharding import param
 
 
 class Linear(nnx.Module):

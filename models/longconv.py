@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.sharding import param
+from reslm.models.sharding import param
 
 SHORT_CONV = 3  # Width of the short depthwise convolution on the projected streams.
 DECAY_TARGET = 1e-2  # The window value channel c reaches at t = reach_c · L ...

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.linear import Linear, fused_linear
-from models.registry import MLPS, layer_kwargs
+from reslm.models.linear import Linear, fused_linear
+from reslm.models.registry import MLPS, layer_kwargs
 
 
 class SwiGLU(nnx.Module):

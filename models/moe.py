@@ -45,9 +45,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.linear import Linear
-from models.registry import MLPS, module_options
-from models.sharding import param
+from reslm.models.linear import Linear
+from reslm.models.registry import MLPS, module_options
+from reslm.models.sharding import param
 
 ROUTINGS = ("topk", "expert_choice")
 DISPATCHES = ("capacity", "dropless")
@@ -161,7 +161,7 @@ def grouped_matmul(
   kernel_dtype = x_md.dtype == w_gkn.dtype and x_md.dtype in (jnp.float32, jnp.bfloat16)
   if implementation == "xla" or (implementation == "auto" and (not kernel_dtype or _partitioned())):
     return jax.lax.ragged_dot(x_md, w_gkn, group_sizes_g)
-  from kernels_pallas.ragged_matmul.api import ragged_matmul  # noqa: PLC0415
+  from reslm.kernels_pallas.ragged_matmul.api import ragged_matmul  # noqa: PLC0415
 
   if implementation == "pallas":
     return ragged_matmul(x_md, w_gkn, group_sizes_g).astype(x_md.dtype)

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import mixer_options
-from models.longconv import (
+from reslm.models.attention.base import mixer_options
+from reslm.models.longconv import (
   SHORT_CONV,
   LongConvMixer,
   ShortConv,
@@ -45,8 +45,8 @@ from models.longconv import (
   direct_causal_conv,
   kernel_layout,
 )
-from models.registry import MIXERS, check_option, is_int, layer_kwargs
-from models.sharding import param
+from reslm.models.registry import MIXERS, check_option, is_int, layer_kwargs
+from reslm.models.sharding import param
 
 DEFAULTS = {"nblocks": 4}
 

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.registry import NORMS
-from models.sharding import param
+from reslm.models.registry import NORMS
+from reslm.models.sharding import param
 
 
 class RMSNorm(nnx.Module):

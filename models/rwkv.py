@@ -47,11 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.attention.base import mixer_options
-from models.attention.linear import from_chunks, to_chunks
-from models.linear import Linear, ProjectOut
-from models.registry import MIXERS, MLPS, check_int, layer_kwargs
-from models.sharding import param
+from reslm.models.attention.base import mixer_options
+from reslm.models.attention.linear import from_chunks, to_chunks
+from reslm.models.linear import Linear, ProjectOut
+from reslm.models.registry import MIXERS, MLPS, check_int, layer_kwargs
+from reslm.models.sharding import param
 
 DEFAULTS = {"chunk_size": 32, "mix_lora": 32, "decay_lora": 64}
 LOG_DECAY_MIN = -20.0  # log w floor (keeps it finite): w = 2e-9 already erases the state.

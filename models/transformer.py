@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
-from models.embeddings import Embed
-from models.linear import Linear
-from models.registry import MIXERS, MLPS, NORMS
-from models.sharding import constrain
+from reslm.models.config import ModelConfig
+from reslm.models.embeddings import Embed
+from reslm.models.linear import Linear
+from reslm.models.registry import MIXERS, MLPS, NORMS
+from reslm.models.sharding import constrain
 
 REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,

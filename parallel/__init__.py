@@ -9,6 +9,6 @@ distributed  multi-process jobs (jax.distributed) and process-local data -> glob
 aot          compiling for a TPU slice on a CPU-only machine (memory, estimated time and MFU)
 """
 
-from parallel.mesh import AXES, get_default_config, make_mesh, mesh_shape
+from reslm.parallel.mesh import AXES, get_default_config, make_mesh, mesh_shape
 
 __all__ = ["AXES", "get_default_config", "make_mesh", "mesh_shape"]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from models import moe as moe_lib
+from reslm.models import moe as moe_lib
 
 
 def _dispatch(moe, x_nd, gates_nk, experts_nk, capacity: int):

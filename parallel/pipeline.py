@@ -199,8 +199,8 @@ def decoder_forward(
   """
   from flax import nnx
 
-  from models import transformer
-  from models.sharding import constrain
+  from reslm.models import transformer
+  from reslm.models.sharding import constrain
 
   if not isinstance(model, (transformer.DecoderLM, transformer.EncoderLM)):
     raise ValueError(f"pipeline parallelism supports DecoderLM and EncoderLM, not {type(model)}")

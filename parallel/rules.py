@@ -41,9 +41,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.sharding import logical_to_spec
-from parallel import pipeline
-from parallel.mesh import AXES
+from reslm.models.sharding import logical_to_spec
+from reslm.parallel import pipeline
+from reslm.parallel.mesh import AXES
 
 LOGICAL_AXES = (
   "batch",
@@ -135,7 +135,7 @@ def batch_axes(rules: Rules) -> tuple[str, ...]:
 def _num_experts(model_cfg) -> int | None:
   if "moe" not in getattr(model_cfg, "mlp_pattern", ()):
     return None
-  from models import moe  # Lazily: only MoE models need it.
+  from reslm.models import moe  # Lazily: only MoE models need it.
 
   return moe.moe_options(model_cfg)["num_experts"]
 

@@ -1,10 +1,10 @@
 """Training: config sections and validation, optimizer, jitted steps, checkpoints, the loop."""
 
-from training.checkpoint import Checkpointer
-from training.config import get_base_config, model_config, validate_experiment
-from training.loop import NonFiniteLossError, RunResult, load_run, train_and_evaluate
-from training.optim import build_optimizer, learning_rate_schedule
-from training.steps import TrainState, make_eval_step, make_train_step
+from reslm.training.checkpoint import Checkpointer
+from reslm.training.config import get_base_config, model_config, validate_experiment
+from reslm.training.loop import NonFiniteLossError, RunResult, load_run, train_and_evaluate
+from reslm.training.optim import build_optimizer, learning_rate_schedule
+from reslm.training.steps import TrainState, make_eval_step, make_train_step
 
 __all__ = [
   "Checkpointer",

@@ -12,12 +12,12 @@ from typing import Any
 
 import jax
 
-import data as data_lib
-from parallel import aot
-from parallel import comm as comm_lib
-from parallel import mesh as mesh_lib
-from training import config as config_lib
-from training import loop
+from reslm import data as data_lib
+from reslm.parallel import aot
+from reslm.parallel import comm as comm_lib
+from reslm.parallel import mesh as mesh_lib
+from reslm.training import config as config_lib
+from reslm.training import loop
 
 # Loop-free variants for cost estimates: no windowed-einsum loops either.
 _TPU_ESTIMATE_OPTIONS = {

@@ -8,12 +8,12 @@ import math
 
 import ml_collections
 
-import data as data_lib
-from metrics import report as report_lib
-from models.config import ModelConfig
-from models.config import get_default_config as model_defaults
-from parallel import mesh as mesh_lib
-from parallel import rules as rules_lib
+from reslm import data as data_lib
+from reslm.metrics import report as report_lib
+from reslm.models.config import ModelConfig
+from reslm.models.config import get_default_config as model_defaults
+from reslm.parallel import mesh as mesh_lib
+from reslm.parallel import rules as rules_lib
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -158,7 +158,7 @@ def validate_experiment(cfg: ml_collections.ConfigDict, *, num_devices: int = 1)
   sizes = mesh_lib.mesh_shape(cfg.parallel, num_devices)
   rules = rules_lib.validate(cfg.parallel, model, sizes)
   if "distill" in cfg:  # A teacher-driven objective (compress.distill); imported only when used.
-    from compress import distill
+    from reslm.compress import distill
 
     distill.validate_config(cfg, pipeline=sizes["pipeline"] > 1)
   batch_shards = math.prod(sizes[a] for a in rules_lib.batch_axes(rules))

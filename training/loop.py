@@ -28,22 +28,22 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import data as data_lib
-import metrics as metrics_lib
-from metrics.params import active_params
-from models import build_model
-from models.config import ModelConfig
-from models.moe import expert_usage
-from parallel import comm as comm_lib
-from parallel import distributed as distributed_lib
-from parallel import experts as experts_lib
-from parallel import mesh as mesh_lib
-from parallel import pipeline as pipeline_lib
-from parallel import rules as rules_lib
-from training import config as config_lib
-from training.checkpoint import Checkpointer
-from training.optim import build_optimizer, learning_rate_schedule
-from training.steps import (
+from reslm import data as data_lib
+from reslm import metrics as metrics_lib
+from reslm.metrics.params import active_params
+from reslm.models import build_model
+from reslm.models.config import ModelConfig
+from reslm.models.moe import expert_usage
+from reslm.parallel import comm as comm_lib
+from reslm.parallel import distributed as distributed_lib
+from reslm.parallel import experts as experts_lib
+from reslm.parallel import mesh as mesh_lib
+from reslm.parallel import pipeline as pipeline_lib
+from reslm.parallel import rules as rules_lib
+from reslm.training import config as config_lib
+from reslm.training.checkpoint import Checkpointer
+from reslm.training.optim import build_optimizer, learning_rate_schedule
+from reslm.training.steps import (
   OBJECTIVE_PARAMS,
   Objective,
   TrainState,
@@ -450,7 +450,7 @@ def _objective(cfg, model_cfg: ModelConfig, dataset, workdir: str):
   """(objective or None, training dataset) of the config's `distill` section, if it has one."""
   if "distill" not in cfg:
     return None, dataset
-  from compress import distill  # The only objective section; imported only when used.
+  from reslm.compress import distill  # The only objective section; imported only when used.
 
   return distill.setup(cfg, model_cfg, dataset, workdir)
 

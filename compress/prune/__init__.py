@@ -12,6 +12,6 @@ Settings: `sparsity` (fraction of zeros) or `n_m` ("2:4"), see `compress.prune.c
 takes `heads` / `neurons` ratios instead.
 """
 
-from compress.prune import common, magnitude, sparsegpt, structured, wanda
+from reslm.compress.prune import common, magnitude, sparsegpt, structured, wanda
 
 __all__ = ["common", "magnitude", "sparsegpt", "structured", "wanda"]

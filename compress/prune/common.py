@@ -14,7 +14,7 @@ import re
 
 import jax.numpy as jnp
 
-from compress.registry import is_num
+from reslm.compress.registry import is_num
 
 SPARSITY_DEFAULTS = {"sparsity": None, "n_m": None}
 SPARSITY_CHECKS = {

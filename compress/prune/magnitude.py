@@ -7,9 +7,9 @@ magnitude_global   one threshold across all the layers the rule selects (a whole
 
 import numpy as np
 
-from compress.prune import common
-from compress.registry import Dense, register
-from compress.targets import target_at
+from reslm.compress.prune import common
+from reslm.compress.registry import Dense, register
+from reslm.compress.targets import target_at
 
 
 @register(

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve
 
-from compress.prune import common
-from compress.quantize.gptq import hessian
-from compress.registry import Dense, integer, number, register
+from reslm.compress.prune import common
+from reslm.compress.quantize.gptq import hessian
+from reslm.compress.registry import Dense, integer, number, register
 
 
 @functools.partial(jax.jit, static_argnames=("sparsity", "n_m", "block_size"))

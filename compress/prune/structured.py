@@ -44,13 +44,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from compress.registry import ModelData, integer, is_num, number, one_of, register
-from compress.targets import Target, path_name
-from models import build_model
-from models.attention.base import Attention
-from models.linear import Linear, ProjectOut
-from models.mlp import GeluMLP, SwiGLU
-from models.transformer import Block
+from reslm.compress.registry import ModelData, integer, is_num, number, one_of, register
+from reslm.compress.targets import Target, path_name
+from reslm.models import build_model
+from reslm.models.attention.base import Attention
+from reslm.models.linear import Linear, ProjectOut
+from reslm.models.mlp import GeluMLP, SwiGLU
+from reslm.models.transformer import Block
 
 CRITERIA = ("taylor", "magnitude")
 _RATIO = (lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1) (1 would remove every unit)")
@@ -379,9 +379,11 @@ def recover(model: nnx.Module, data: ModelData, steps: int, learning_rate: float
   Returns:
     The training loss of each step.
   """
-  from training.config import get_train_defaults  # Training imports are heavy; only needed here.
-  from training.optim import build_optimizer
-  from training.steps import TrainState, make_train_step
+  from reslm.training.config import (
+    get_train_defaults,  # Training imports are heavy; only needed here.
+  )
+  from reslm.training.optim import build_optimizer
+  from reslm.training.steps import TrainState, make_train_step
 
   if data is None or data.train_batch is None:
     raise ValueError("structured recover_steps > 0 needs the run's training batches (ModelData)")

@@ -8,8 +8,8 @@ the inputs of each output as well.
 
 import jax.numpy as jnp
 
-from compress.prune import common
-from compress.registry import Dense, register
+from reslm.compress.prune import common
+from reslm.compress.registry import Dense, register
 
 
 def scores(w_kn, x_mk):

@@ -8,8 +8,8 @@ llm_int8              outlier features in float, the rest int8 x int8 (`activati
 kv_int8               int8 KV cache for decoding (`kv_cache`)
 """
 
-from compress.quantize import activation, awq, gptq, kv_cache, rtn
-from compress.quantize.layers import (
+from reslm.compress.quantize import activation, awq, gptq, kv_cache, rtn
+from reslm.compress.quantize.layers import (
   Int4Linear,
   Int8Linear,
   NF4Linear,

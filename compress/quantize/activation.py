@@ -16,9 +16,9 @@ rows; every other feature goes through int8 x int8 with per-token / per-channel 
 import jax
 import jax.numpy as jnp
 
-from compress.quantize import formats
-from compress.quantize.layers import OutlierInt8Linear, W8A8Linear
-from compress.registry import BOOL, Replacement, integer, number, one_of, register
+from reslm.compress.quantize import formats
+from reslm.compress.quantize.layers import OutlierInt8Linear, W8A8Linear
+from reslm.compress.registry import BOOL, Replacement, integer, number, one_of, register
 
 
 def smoothing_scales(x_mk: jax.Array, w_kn: jax.Array, alpha: float) -> jax.Array:

@@ -17,8 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from compress.quantize import formats, rtn
-from compress.registry import integer, one_of, register
+from reslm.compress.quantize import formats, rtn
+from reslm.compress.registry import integer, one_of, register
 
 
 def awq_scales(x_mk: jax.Array, alpha: jax.Array) -> jax.Array:

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve
 
-from compress.quantize import formats, rtn
-from compress.registry import BOOL, integer, number, one_of, register
+from reslm.compress.quantize import formats, rtn
+from reslm.compress.registry import BOOL, integer, number, one_of, register
 
 
 def hessian(x_mk: jax.Array) -> jax.Array:

@@ -7,8 +7,8 @@ The code path lives in `models.attention.base` (`Attention.kv_cache_quant`); thi
 on for the mixers a rule selects. It changes no parameter, only what `init_cache` allocates.
 """
 
-from compress.registry import register
-from models.attention.base import Attention
+from reslm.compress.registry import register
+from reslm.models.attention.base import Attention
 
 
 @register("kv_int8", stage="quantize", target="attention", per_layer=False)

@@ -19,8 +19,8 @@ Axes: w [K, N] as ("in", "out") of the replaced kernel; scales ("out",) or (None
 
 import jax.numpy as jnp
 
-from compress.layers import CompressedLinear
-from compress.quantize import formats, matmul
+from reslm.compress.layers import CompressedLinear
+from reslm.compress.quantize import formats, matmul
 
 
 def _scaled(layer, x_mk):
@@ -37,7 +37,7 @@ def _unscale(arrays, w_kn):
   return w_kn
 
 
-class Int8Linear(CompressedLinear):
+class Int8Linear(CompressedLinear, kind="int8"):
   """y = ((x * input_scale) @ w_q) * scales."""
 
   ARRAYS = {"w_q": ("in", "out"), "scales": ("out",), "input_scale": ("in",)}
@@ -52,7 +52,7 @@ class Int8Linear(CompressedLinear):
     return _unscale(arrays, arrays["w_q"].astype(jnp.float32) * arrays["scales"])
 
 
-class Int4Linear(CompressedLinear):
+class Int4Linear(CompressedLinear, kind="int4"):
   """y = (x * input_scale) @ (unpack(w_packed) * scales[group]); K padded to the group size."""
 
   ARRAYS = {"w_packed": ("in", "out"), "scales": (None, "out"), "input_scale": ("in",)}
@@ -71,7 +71,7 @@ class Int4Linear(CompressedLinear):
     return _unscale(arrays, w)
 
 
-class NF4Linear(CompressedLinear):
+class NF4Linear(CompressedLinear, kind="nf4"):
   """y = x @ (nf4_code[codes] * absmax[block]); dequantized on the fly (no NF4 kernel)."""
 
   ARRAYS = {
@@ -93,7 +93,7 @@ class NF4Linear(CompressedLinear):
     return formats.dequantize_nf4(arrays, static["block_size"], k, dq_block=static["dq_block"])
 
 
-class W8A8Linear(CompressedLinear):
+class W8A8Linear(CompressedLinear, kind="w8a8"):
   """y = int8(x * input_scale) @ w_q in int32, times the token's and the channel's scales.
 
   Activations are quantized per token (row) at run time: scale = max |x_row| / 127.
@@ -113,7 +113,7 @@ class W8A8Linear(CompressedLinear):
     return _unscale(arrays, arrays["w_q"].astype(jnp.float32) * arrays["w_scale"])
 
 
-class OutlierInt8Linear(CompressedLinear):
+class OutlierInt8Linear(CompressedLinear, kind="llm_int8"):
   """LLM.int8 (Dettmers et al. 2022): outlier feature columns of x in float, the rest int8.
 
   y = x[:, idx] @ w_outlier + int8(x with columns idx zeroed) @ w_q, int32 accumulation. The

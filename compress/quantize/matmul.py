@@ -13,7 +13,7 @@ may keep K unpadded for int4 (the kernel wants K a multiple of the group size).
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.quant_matmul import api
+from reslm.kernels_pallas.quant_matmul import api
 
 
 def int8_matmul(x_mk: jax.Array, w_q: jax.Array, scales: jax.Array, *, out_dtype=None):

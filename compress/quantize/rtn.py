@@ -5,9 +5,9 @@ Each needs no calibration: the weights alone decide the scales (`compress.quanti
 
 import jax
 
-from compress.quantize import formats
-from compress.quantize.layers import Int4Linear, Int8Linear, NF4Linear
-from compress.registry import BOOL, Replacement, integer, one_of, register
+from reslm.compress.quantize import formats
+from reslm.compress.quantize.layers import Int4Linear, Int8Linear, NF4Linear
+from reslm.compress.registry import BOOL, Replacement, integer, one_of, register
 
 
 def int8_replacement(q_kn, scales, input_scale=None) -> Replacement:

@@ -50,7 +50,7 @@ def _core_fn(name: str, t: int):
   import jax.numpy as jnp
   from flax import nnx
 
-  from models import MIXERS, ModelConfig
+  from reslm.models import MIXERS, ModelConfig
 
   h, d = FLAGS.heads, FLAGS.head_dim
   cfg = ModelConfig(
@@ -108,7 +108,7 @@ def _measure(fn, specs):
   import jax
   import numpy as np
 
-  from metrics import memory_analysis, xla_cost
+  from reslm.metrics import memory_analysis, xla_cost
 
   t0 = time.perf_counter()
   compiled = fn.lower(*specs).compile()
@@ -157,8 +157,8 @@ def main(argv):
   from absl import logging
 
   logging.set_verbosity(logging.WARNING)
-  import models  # noqa: F401  (registers every variant)
-  from models import MIXERS
+  import reslm.models  # noqa: F401  (registers every variant)
+  from reslm.models import MIXERS
 
   lengths = [int(t) for t in FLAGS.lengths]
   names = FLAGS.variants or MIXERS.names()

@@ -66,7 +66,7 @@ class Row:
 
 
 def _float_model(run_dir: str, row_dir: str):
-  from training import load_run
+  from reslm.training import load_run
 
   del row_dir
   return load_run(run_dir)[1]
@@ -77,7 +77,7 @@ def distilled(variant: str) -> Callable[[str, str], object]:
 
   def make(run_dir: str, row_dir: str):
     from experiments.configs import distill
-    from training import load_run, train_and_evaluate
+    from reslm.training import load_run, train_and_evaluate
 
     teacher_cfg = load_run(run_dir)[0]
     cfg = distill.get_config(variant)
@@ -151,7 +151,7 @@ def _plain(value):
 
 def run_spec_row(spec: str, run_dir: str, row_dir: str, *, smoke: bool):
   """(report, compressed model); reuses row_dir's report when rules and source match."""
-  from compress import load_compressed, pipeline
+  from reslm.compress import load_compressed, pipeline
 
   cfg = compress_config(spec, smoke=smoke)
   path = os.path.join(row_dir, "report.json")
@@ -170,9 +170,9 @@ def evaluate_model(model, ref_model, run_cfg, eval_batches: int) -> dict:
   """A pipeline-shaped report (bytes, eval, fidelity) for a model the pipeline did not build."""
   from flax import nnx
 
-  import data as data_lib
-  from compress import pipeline
-  from metrics.params import param_bytes
+  from reslm import data as data_lib
+  from reslm.compress import pipeline
+  from reslm.metrics.params import param_bytes
 
   dataset = data_lib.build_dataset(run_cfg.data)
   batches = dataset.eval_batches(eval_batches or run_cfg.train.eval_batches)
@@ -198,8 +198,8 @@ def zero_fraction(model) -> float:
   import jax
   import jax.numpy as jnp
 
-  from compress.layers import CompressedLinear
-  from compress.targets import find_targets
+  from reslm.compress.layers import CompressedLinear
+  from reslm.compress.targets import find_targets
 
   zeros = total = 0
   for t in find_targets(model):
@@ -233,8 +233,8 @@ def decode_timings(models: dict, prompt, new_tokens: int, repeats: int) -> dict:
   import numpy as np
   from flax import nnx
 
-  from compress import unfused_projections
-  from inference import generate
+  from reslm.compress import unfused_projections
+  from reslm.inference import generate
 
   compiled = {}
   with unfused_projections():
@@ -318,7 +318,7 @@ def matmul_row(m: int, k: int, n: int, repeats: int) -> dict:
 
 def projection_shapes(model) -> list[tuple[int, int, str]]:
   """Distinct (K, N) of the model's projections, with the paths' last parts."""
-  from compress.targets import find_targets
+  from reslm.compress.targets import find_targets
 
   shapes: dict[tuple[int, int], list[str]] = {}
   for t in find_targets(model):
@@ -336,7 +336,7 @@ def scaled_shapes(width: int) -> list[tuple[int, int, str]]:
 
 def front_names(rows: list[dict]) -> list[str]:
   """The Pareto front of val loss against stored bytes (`metrics.pareto_front`)."""
-  from metrics import pareto_front
+  from reslm.metrics import pareto_front
 
   idx = pareto_front(
     [r["stored_bytes"] for r in rows],
@@ -364,7 +364,7 @@ def table_row(row: Row, report: dict, model) -> dict:
 
 def train_float(workdir: str, data: str, smoke: bool) -> str:
   from experiments.configs import shakespeare_char
-  from training import train_and_evaluate
+  from reslm.training import train_and_evaluate
 
   cfg = shakespeare_char.get_config("smoke" if smoke else None)
   cfg.data.path = data
@@ -383,8 +383,8 @@ def benchmark(
   """Runs every row, times decode and the matmuls, writes compress.json / .png into `results`."""
   import jax.numpy as jnp
 
-  import data as data_lib
-  from training import load_run
+  from reslm import data as data_lib
+  from reslm.training import load_run
 
   run_cfg, ref_model, _, _ = load_run(run_dir)
   eval_batches = 2 if smoke else 0

@@ -40,7 +40,7 @@ def _step_fn(mixer: str, context: int):
   import jax.numpy as jnp
   from flax import nnx
 
-  from models import ModelConfig, build_model
+  from reslm.models import ModelConfig, build_model
 
   cfg = ModelConfig(
     vocab_size=256,
@@ -67,7 +67,7 @@ def _compile(mixer: str, context: int):
   """(row with the deterministic figures, a stateful one-token step callable)."""
   import jax
 
-  from metrics import param_bytes, xla_cost
+  from reslm.metrics import param_bytes, xla_cost
 
   fn, (state, cache, token, index) = _step_fn(mixer, context)
   compiled = fn.lower(state, cache, token, index).compile()
@@ -118,8 +118,8 @@ def main(argv):
   from absl import logging
 
   logging.set_verbosity(logging.WARNING)
-  import models  # noqa: F401  (registers every mixer)
-  from models import MIXERS
+  import reslm.models  # noqa: F401  (registers every mixer)
+  from reslm.models import MIXERS
 
   contexts = sorted(int(c) for c in FLAGS.contexts)
   json_path = os.path.join(FLAGS.out, "decode.json")

@@ -101,7 +101,7 @@ def compile_for(device, fn, args):
 def xla_estimate(compiled) -> dict:
   """XLA's static cost model of a compiled program: optimal_seconds (ConcatBitcast-corrected),
   flops, bytes accessed, and how many while loops (bodies counted once) the HLO has."""
-  from parallel import aot
+  from reslm.parallel import aot
 
   cost = aot.cost(compiled)
   text = compiled.as_text()
@@ -144,7 +144,7 @@ def _flash_cases():
   import jax
   import jax.numpy as jnp
 
-  from kernels_pallas.flash_attention import flash_attention
+  from reslm.kernels_pallas.flash_attention import flash_attention
 
   def make(b, s, h, hk, d):
     def inputs(key):
@@ -184,7 +184,12 @@ def _quant_cases():
   import jax.numpy as jnp
   from jax import lax
 
-  from kernels_pallas.quant_matmul import int4_matmul, int8_int8_matmul, int8_matmul, unpack_int4
+  from reslm.kernels_pallas.quant_matmul import (
+    int4_matmul,
+    int8_int8_matmul,
+    int8_matmul,
+    unpack_int4,
+  )
 
   k_dim = n_dim = 4096
   f32 = jnp.float32
@@ -238,7 +243,7 @@ def _ragged_cases():
   import jax
   import jax.numpy as jnp
 
-  from kernels_pallas.ragged_matmul import ragged_matmul
+  from reslm.kernels_pallas.ragged_matmul import ragged_matmul
 
   def make(m, k, n, g):
     def inputs(key):
@@ -291,7 +296,7 @@ def _paged_cases():
   import jax
   import jax.numpy as jnp
 
-  from kernels_pallas.paged_attention import paged_attention
+  from reslm.kernels_pallas.paged_attention import paged_attention
 
   def make(b, h, hk, d, ps, pps, dtype):
     def inputs(key):

@@ -40,7 +40,7 @@ FLAGS = flags.FLAGS
 
 
 def _config(mlp: str, options: dict):
-  from models import ModelConfig
+  from reslm.models import ModelConfig
 
   return ModelConfig(
     vocab_size=FLAGS.vocab,
@@ -57,7 +57,7 @@ def _config(mlp: str, options: dict):
 def _flops(fn, *args) -> float:
   import jax
 
-  from metrics import xla_cost
+  from reslm.metrics import xla_cost
 
   return xla_cost(jax.jit(fn).lower(*args).compile())["flops"]
 
@@ -84,9 +84,9 @@ def measure(mlp: str, options: dict) -> dict:
   import optax
   from flax import nnx
 
-  from metrics.params import active_params, count_params
-  from models import MLPS, build_model
-  from models.moe import expert_usage
+  from reslm.metrics.params import active_params, count_params
+  from reslm.models import MLPS, build_model
+  from reslm.models.moe import expert_usage
 
   cfg = _config(mlp, options)
   model = build_model(cfg)
@@ -157,7 +157,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import jax
 
-  import models  # noqa: F401  (registers the MoE MLP)
+  import reslm.models  # noqa: F401  (registers the MoE MLP)
 
   rows = [{"num_experts": None, "dispatch": None, "capacity_factor": None}]
   rows[0].update(measure("swiglu", {}))

@@ -116,7 +116,7 @@ def _expected(name, sizes, settings, model, params, per_device) -> dict[str, flo
     opts = dict(model.mlp_options)
     e, k, ep = opts["num_experts"], opts["top_k"], sizes["expert"]
     tokens = BATCH * SEQ // (sizes["data"] * ep)
-    from models.moe import capacity
+    from reslm.models.moe import capacity
 
     c = capacity(tokens, e, k, opts["capacity_factor"])
     # Dispatch and return all-to-all of [E, c, d] per MoE layer, forward and backward.
@@ -127,13 +127,13 @@ def _expected(name, sizes, settings, model, params, per_device) -> dict[str, flo
 def _measure(name, preset, sizes, settings, kind, devices) -> dict:
   import jax
 
-  from models import ModelConfig
-  from parallel import aot as aot_lib
-  from parallel import comm, pipeline
-  from parallel import mesh as mesh_lib
-  from parallel import rules as rules_lib
+  from reslm.models import ModelConfig
+  from reslm.parallel import aot as aot_lib
+  from reslm.parallel import comm, pipeline
+  from reslm.parallel import mesh as mesh_lib
+  from reslm.parallel import rules as rules_lib
+  from reslm.training import aot, loop
   from tests.parallel.common import train_config
-  from training import aot, loop
 
   model = ModelConfig(**(MOE if kind == "moe" else DENSE), max_seq_len=SEQ)
   train = train_config()
@@ -225,7 +225,7 @@ def main(argv):
   import jax
 
   if FLAGS.platform == "tpu":
-    from parallel import aot as aot_lib
+    from reslm.parallel import aot as aot_lib
 
     devices, _, _ = aot_lib.tpu_devices(FLAGS.topology)
     where = f"tpu {FLAGS.topology} (compile only)"

@@ -52,7 +52,7 @@ def matmul_variants(m: int, k: int, n: int):
   import jax.numpy as jnp
   from jax import lax
 
-  from kernels_pallas.quant_matmul import int8_int8_matmul, quantize_int8, quantize_rows_int8
+  from reslm.kernels_pallas.quant_matmul import int8_int8_matmul, quantize_int8, quantize_rows_int8
 
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (m, k), jnp.float32)

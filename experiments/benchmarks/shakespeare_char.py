@@ -36,7 +36,7 @@ def main(argv):
 
   logging.set_verbosity(logging.WARNING)
   from experiments.configs import shakespeare_char
-  from training import train_and_evaluate
+  from reslm.training import train_and_evaluate
 
   imports_s = time.perf_counter() - _T_START
   cfg = shakespeare_char.get_config()

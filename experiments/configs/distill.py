@@ -21,8 +21,8 @@ Variants:
   smoke: a tiny student of a `shakespeare_char.py:smoke` teacher, a few seconds (for tests).
 """
 
-from compress import distill
 from experiments.configs import shakespeare_char
+from reslm.compress import distill
 
 VARIANTS = ("white_box", "hidden", "black_box", "scratch", "smoke")
 

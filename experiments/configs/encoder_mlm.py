@@ -8,7 +8,7 @@
 smoke (synthetic copy task, no files, a few seconds).
 """
 
-from training.config import get_base_config
+from reslm.training.config import get_base_config
 
 VARIANTS = ("default", "smoke")
 

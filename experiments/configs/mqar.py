@@ -12,7 +12,7 @@ Variants (`--config=experiments/configs/mqar.py:<variant>`):
   long     4 layers, width 128, 256 tokens, 32 key-value pairs: the harder recall setting.
 """
 
-from training.config import get_base_config
+from reslm.training.config import get_base_config
 
 VARIANTS = ("default", "smoke", "long")
 

@@ -15,7 +15,7 @@ runs it and compares against nanoGPT's figures.
 Variants: default; smoke (a few seconds, for tests).
 """
 
-from training.config import get_base_config
+from reslm.training.config import get_base_config
 
 VARIANTS = ("default", "smoke")
 

@@ -3,8 +3,8 @@
 Use `kernels_pallas.flash_attention.api.flash_attention`; see `api.py` for the dispatch.
 """
 
-from kernels_pallas.flash_attention.api import RESIDUAL_NAMES, flash_attention
-from kernels_pallas.flash_attention.config import BlockSizes
-from kernels_pallas.flash_attention.reference import reference
+from reslm.kernels_pallas.flash_attention.api import RESIDUAL_NAMES, flash_attention
+from reslm.kernels_pallas.flash_attention.config import BlockSizes
+from reslm.kernels_pallas.flash_attention.reference import reference
 
 __all__ = ["RESIDUAL_NAMES", "BlockSizes", "flash_attention", "reference"]

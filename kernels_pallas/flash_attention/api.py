@@ -19,9 +19,9 @@ import functools
 import jax
 from jax.ad_checkpoint import checkpoint_name
 
-from kernels_pallas.flash_attention import tpu
-from kernels_pallas.flash_attention.config import BlockSizes, FlashConfig, make_config
-from kernels_pallas.flash_attention.reference import reference
+from reslm.kernels_pallas.flash_attention import tpu
+from reslm.kernels_pallas.flash_attention.config import BlockSizes, FlashConfig, make_config
+from reslm.kernels_pallas.flash_attention.reference import reference
 
 RESIDUAL_NAMES = ("flash_attention_out", "flash_attention_lse")
 
@@ -86,7 +86,7 @@ def flash_attention(
 
 
 def _gpu():
-  from kernels_pallas.flash_attention import gpu  # noqa: PLC0415 (Mosaic GPU only when needed)
+  from reslm.kernels_pallas.flash_attention import gpu  # noqa: PLC0415 (Mosaic GPU only when needed)
 
   return gpu
 

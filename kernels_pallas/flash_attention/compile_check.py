@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
 
-from kernels_pallas.flash_attention.api import flash_attention
-from parallel import aot
+from reslm.kernels_pallas.flash_attention.api import flash_attention
+from reslm.parallel import aot
 
 TOPOLOGIES = ("v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2", "tpu7x:2x2x1")
 # (batch, seq, heads, kv_heads, head_dim, dtype, causal, segments)

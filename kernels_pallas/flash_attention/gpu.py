@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.flash_attention.config import (
+from reslm.kernels_pallas.flash_attention.config import (
   MASK_VALUE,
   FlashConfig,
   gpu_blocks,

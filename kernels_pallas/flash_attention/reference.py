@@ -10,7 +10,7 @@ sees only keys with its id). A query that sees no key outputs zeros and has lse 
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.flash_attention.config import MASK_VALUE
+from reslm.kernels_pallas.flash_attention.config import MASK_VALUE
 
 
 def attention_mask(q_len, kv_len, *, causal, q_segment_ids=None, kv_segment_ids=None):

@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.flash_attention.config import (
+from reslm.kernels_pallas.flash_attention.config import (
   LANES,
   MASK_VALUE,
   FlashConfig,

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels_pallas.paged_attention import reference, tpu
-from kernels_pallas.paged_attention.config import (
+from reslm.kernels_pallas.paged_attention import reference, tpu
+from reslm.kernels_pallas.paged_attention.config import (
   BlockSizes,
   PagedConfig,
   gpu_pages_per_block,
@@ -83,7 +83,7 @@ def paged_attention(
 
 
 def _gpu():
-  from kernels_pallas.paged_attention import gpu  # noqa: PLC0415 (Triton only when needed)
+  from reslm.kernels_pallas.paged_attention import gpu  # noqa: PLC0415 (Triton only when needed)
 
   return gpu
 

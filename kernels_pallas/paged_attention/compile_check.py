@@ -9,8 +9,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.paged_attention import paged_attention
-from kernels_pallas.quant_matmul.compile_check import main as _main
+from reslm.kernels_pallas.paged_attention import paged_attention
+from reslm.kernels_pallas.quant_matmul.compile_check import main as _main
 
 
 def _cases():

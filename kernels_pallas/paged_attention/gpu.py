@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas.paged_attention.config import (
+from reslm.kernels_pallas.paged_attention.config import (
   MASK_VALUE,
   PagedConfig,
   error,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels_pallas.paged_attention.config import MASK_VALUE
+from reslm.kernels_pallas.paged_attention.config import MASK_VALUE
 
 
 def gather_pages(pages, block_tables, scales=None):

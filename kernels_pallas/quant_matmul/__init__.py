@@ -4,9 +4,9 @@ Use `int8_matmul`, `int4_matmul` and `int8_int8_matmul` from `api.py`; `packing.
 quantizers and the int4 packing (low nibble = even K row, high nibble = odd K row).
 """
 
-from kernels_pallas.quant_matmul.api import int4_matmul, int8_int8_matmul, int8_matmul
-from kernels_pallas.quant_matmul.config import BlockSizes
-from kernels_pallas.quant_matmul.packing import (
+from reslm.kernels_pallas.quant_matmul.api import int4_matmul, int8_int8_matmul, int8_matmul
+from reslm.kernels_pallas.quant_matmul.config import BlockSizes
+from reslm.kernels_pallas.quant_matmul.packing import (
   pack_int4,
   quantize_int4,
   quantize_int8,

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels_pallas.quant_matmul import reference, tpu
-from kernels_pallas.quant_matmul.config import (
+from reslm.kernels_pallas.quant_matmul import reference, tpu
+from reslm.kernels_pallas.quant_matmul.config import (
   BlockSizes,
   QuantConfig,
   gpu_tiles,
@@ -155,7 +155,7 @@ def _float_call(cfg: QuantConfig, x, w, scales):
 
 
 def _gpu():
-  from kernels_pallas.quant_matmul import gpu  # noqa: PLC0415 (Triton only when needed)
+  from reslm.kernels_pallas.quant_matmul import gpu  # noqa: PLC0415 (Triton only when needed)
 
   return gpu
 

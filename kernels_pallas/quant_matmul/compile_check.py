@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.quant_matmul import int4_matmul, int8_int8_matmul, int8_matmul
-from parallel import aot
+from reslm.kernels_pallas.quant_matmul import int4_matmul, int8_int8_matmul, int8_matmul
+from reslm.parallel import aot
 
 TOPOLOGIES = ("v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2", "tpu7x:2x2x1")
 K, N = 4096, 4096

@@ -11,7 +11,7 @@ import math
 
 import jax.numpy as jnp
 
-from kernels_pallas.quant_matmul.packing import GROUP_SIZES
+from reslm.kernels_pallas.quant_matmul.packing import GROUP_SIZES
 
 KINDS = ("int8", "int4", "int8_int8")
 IMPLEMENTATIONS = ("auto", "reference", "tpu", "gpu")

@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas.quant_matmul.config import QuantConfig, error, gpu_tiles
+from reslm.kernels_pallas.quant_matmul.config import QuantConfig, error, gpu_tiles
 
 _F32 = jnp.float32
 _PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=2)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels_pallas.quant_matmul.packing import unpack_int4
+from reslm.kernels_pallas.quant_matmul.packing import unpack_int4
 
 _HIGHEST = lax.Precision.HIGHEST
 

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.quant_matmul.config import QuantConfig, Tiles, error, tpu_tiles
+from reslm.kernels_pallas.quant_matmul.config import QuantConfig, Tiles, error, tpu_tiles
 
 _F32 = jnp.float32
 _VMEM_DEFAULT = 12 * 2**20  # Below the smallest default scoped-VMEM limit (16 MiB).

@@ -3,8 +3,8 @@
 Use `ragged_matmul` from `api.py`; `reference.py` is `jax.lax.ragged_dot` in float32.
 """
 
-from kernels_pallas.ragged_matmul.api import ragged_matmul
-from kernels_pallas.ragged_matmul.config import BlockSizes
-from kernels_pallas.ragged_matmul.reference import ragged_matmul as reference
+from reslm.kernels_pallas.ragged_matmul.api import ragged_matmul
+from reslm.kernels_pallas.ragged_matmul.config import BlockSizes
+from reslm.kernels_pallas.ragged_matmul.reference import ragged_matmul as reference
 
 __all__ = ["BlockSizes", "ragged_matmul", "reference"]

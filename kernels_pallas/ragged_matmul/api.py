@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels_pallas.ragged_matmul import reference, tpu
-from kernels_pallas.ragged_matmul.config import (
+from reslm.kernels_pallas.ragged_matmul import reference, tpu
+from reslm.kernels_pallas.ragged_matmul.config import (
   BlockSizes,
   RaggedConfig,
   gpu_tiles,
@@ -64,7 +64,7 @@ def ragged_matmul(
 
 
 def _gpu():
-  from kernels_pallas.ragged_matmul import gpu  # noqa: PLC0415 (Triton only when needed)
+  from reslm.kernels_pallas.ragged_matmul import gpu  # noqa: PLC0415 (Triton only when needed)
 
   return gpu
 

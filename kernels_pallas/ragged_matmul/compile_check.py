@@ -9,8 +9,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.quant_matmul.compile_check import main as _main
-from kernels_pallas.ragged_matmul import ragged_matmul
+from reslm.kernels_pallas.quant_matmul.compile_check import main as _main
+from reslm.kernels_pallas.ragged_matmul import ragged_matmul
 
 
 def _cases():

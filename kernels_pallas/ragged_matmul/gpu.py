@@ -23,8 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas.ragged_matmul.config import RaggedConfig, error, gpu_tiles
-from kernels_pallas.ragged_matmul.reference import group_bounds
+from reslm.kernels_pallas.ragged_matmul.config import RaggedConfig, error, gpu_tiles
+from reslm.kernels_pallas.ragged_matmul.reference import group_bounds
 
 _F32 = jnp.float32
 _PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=2)

@@ -29,8 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.ragged_matmul.config import RaggedConfig, error, tpu_tiles
-from kernels_pallas.ragged_matmul.reference import group_bounds
+from reslm.kernels_pallas.ragged_matmul.config import RaggedConfig, error, tpu_tiles
+from reslm.kernels_pallas.ragged_matmul.reference import group_bounds
 
 _F32 = jnp.float32
 _VMEM_DEFAULT = 12 * 2**20

@@ -5,7 +5,7 @@ exact (dense, memory_efficient, flash, sliding_window), linear-time (linear, eff
 approximate (lsh, kde, mega).
 """
 
-from models.attention import (  # noqa: F401  (registration)
+from reslm.models.attention import (  # noqa: F401  (registration)
   aft,
   efficient,
   flash,
@@ -16,7 +16,7 @@ from models.attention import (  # noqa: F401  (registration)
   memory_efficient,
   sliding_window,
 )
-from models.attention.base import Attention, MaskInfo, reference_attention
-from models.attention.dense import DenseAttention
+from reslm.models.attention.base import Attention, MaskInfo, reference_attention
+from reslm.models.attention.dense import DenseAttention
 
 __all__ = ["Attention", "DenseAttention", "MaskInfo", "reference_attention"]

@@ -24,9 +24,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import NEG_INF, Attention, MaskInfo, attention_kwargs, mixer_options
-from models.registry import MIXERS
-from models.sharding import param
+from reslm.models.attention.base import (
+  NEG_INF,
+  Attention,
+  MaskInfo,
+  attention_kwargs,
+  mixer_options,
+)
+from reslm.models.registry import MIXERS
+from reslm.models.sharding import param
 
 VARIANTS = ("full", "local", "simple")
 

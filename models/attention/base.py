@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.embeddings import apply_rope
-from models.linear import Linear, ProjectOut, fused_linear
-from models.registry import MIXERS, module_options
-from models.sharding import constrain
+from reslm.models.embeddings import apply_rope
+from reslm.models.linear import Linear, ProjectOut, fused_linear
+from reslm.models.registry import MIXERS, module_options
+from reslm.models.sharding import constrain
 
 NEG_INF = -1e30  # Finite, so fully masked rows give a uniform (not NaN) softmax before masking out.
 

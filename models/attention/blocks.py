@@ -4,7 +4,7 @@ sliding_window): setting checks, padding to block multiples, per-block masks and
 import jax
 import jax.numpy as jnp
 
-from models.attention.base import MaskInfo
+from reslm.models.attention.base import MaskInfo
 
 
 def check_positive(variant: str, key: str, value) -> int:

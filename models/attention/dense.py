@@ -7,14 +7,14 @@
 import jax
 from flax import nnx
 
-from models.attention.base import (
+from reslm.models.attention.base import (
   Attention,
   MaskInfo,
   attention_kwargs,
   mixer_options,
   reference_attention,
 )
-from models.registry import MIXERS
+from reslm.models.registry import MIXERS
 
 IMPLEMENTATIONS = ("xla", "jax_nn")
 

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import NEG_INF, Attention, attention_kwargs, mixer_options
-from models.attention.linear import check_chunk_size, from_chunks, split_groups, to_chunks
-from models.registry import MIXERS
+from reslm.models.attention.base import NEG_INF, Attention, attention_kwargs, mixer_options
+from reslm.models.attention.linear import check_chunk_size, from_chunks, split_groups, to_chunks
+from reslm.models.registry import MIXERS
 
 
 def bidirectional_efficient_attention(q, k, v, valid=None) -> jax.Array:

@@ -34,17 +34,23 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as core_spmd
 
-from kernels_pallas.flash_attention import api as pallas_api
-from kernels_pallas.flash_attention.config import BlockSizes
-from models.attention.base import NEG_INF, Attention, MaskInfo, attention_kwargs, mixer_options
-from models.attention.blocks import (
+from reslm.kernels_pallas.flash_attention import api as pallas_api
+from reslm.kernels_pallas.flash_attention.config import BlockSizes
+from reslm.models.attention.base import (
+  NEG_INF,
+  Attention,
+  MaskInfo,
+  attention_kwargs,
+  mixer_options,
+)
+from reslm.models.attention.blocks import (
   block_mask,
   check_positive,
   from_blocks,
   pad_axis,
   padded_mask_arrays,
 )
-from models.registry import MIXERS
+from reslm.models.registry import MIXERS
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 

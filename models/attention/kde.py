@@ -28,14 +28,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import (
+from reslm.models.attention.base import (
   Attention,
   MaskInfo,
   attention_kwargs,
   mixer_options,
   reference_attention,
 )
-from models.registry import MIXERS
+from reslm.models.registry import MIXERS
 
 DEFAULTS = {"num_samples": 32, "seed": 0}
 

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import Attention, attention_kwargs, mixer_options
-from models.registry import MIXERS
+from reslm.models.attention.base import Attention, attention_kwargs, mixer_options
+from reslm.models.registry import MIXERS
 
 
 def check_chunk_size(variant: str, value) -> int:

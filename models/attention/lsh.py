@@ -29,8 +29,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import NEG_INF, Attention, MaskInfo, attention_kwargs, mixer_options
-from models.registry import MIXERS
+from reslm.models.attention.base import (
+  NEG_INF,
+  Attention,
+  MaskInfo,
+  attention_kwargs,
+  mixer_options,
+)
+from reslm.models.registry import MIXERS
 
 SELF_SCORE = -1e5  # Reformer's self-attention score: negligible unless it is the only candidate.
 DEFAULTS = {"num_buckets": 8, "num_hashes": 1, "chunk_size": 64, "seed": 0}

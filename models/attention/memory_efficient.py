@@ -16,8 +16,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention.base import NEG_INF, Attention, MaskInfo, attention_kwargs, mixer_options
-from models.attention.blocks import (
+from reslm.models.attention.base import (
+  NEG_INF,
+  Attention,
+  MaskInfo,
+  attention_kwargs,
+  mixer_options,
+)
+from reslm.models.attention.blocks import (
   block_mask,
   check_positive,
   from_blocks,
@@ -25,7 +31,7 @@ from models.attention.blocks import (
   padded_mask_arrays,
   to_blocks,
 )
-from models.registry import MIXERS
+from reslm.models.registry import MIXERS
 
 
 def chunked_attention(

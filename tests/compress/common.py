@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from models import ModelConfig
+from reslm.models import ModelConfig
 
 CFG = ModelConfig(
   vocab_size=64, d_model=32, num_layers=4, num_heads=4, mixer="dense,dense", tie_embeddings=False

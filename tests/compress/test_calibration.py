@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import data as data_lib
-from compress import calibration_tokens, capture_inputs, find_targets
-from models import build_model
+from reslm import data as data_lib
+from reslm.compress import calibration_tokens, capture_inputs, find_targets
+from reslm.models import build_model
 from tests.compress.common import CFG  # stacked: the capture must keep layers apart, in order
 
 

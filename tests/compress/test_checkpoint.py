@@ -5,10 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from compress import apply_plan, load_compressed, make_plan, save_compressed, unfused_projections
-from compress.quantize import Int4Linear, OutlierInt8Linear, W8A8Linear
-from metrics.params import param_bytes
-from models import build_model
+from reslm.compress import (
+  apply_plan,
+  load_compressed,
+  make_plan,
+  save_compressed,
+  unfused_projections,
+)
+from reslm.compress.quantize import Int4Linear, OutlierInt8Linear, W8A8Linear
+from reslm.metrics.params import param_bytes
+from reslm.models import build_model
 from tests.compress.common import CFG
 
 RULES = [

@@ -17,14 +17,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import data as data_lib
-from compress import distill
 from experiments.configs import distill as distill_configs
 from experiments.configs import shakespeare_char
-from models import ModelConfig, build_model
+from reslm import data as data_lib
+from reslm.compress import distill
+from reslm.models import ModelConfig, build_model
+from reslm.training import (
+  Checkpointer,
+  load_run,
+  model_config,
+  train_and_evaluate,
+  validate_experiment,
+)
+from reslm.training.steps import OBJECTIVE_PARAMS
 from tests.shared_runs import pseudo_english, shared_dir
-from training import Checkpointer, load_run, model_config, train_and_evaluate, validate_experiment
-from training.steps import OBJECTIVE_PARAMS
 
 
 def _softmax(x):
@@ -174,7 +180,7 @@ def read_jsonl(workdir):
 
 
 def final_state(workdir, cfg):
-  from training.loop import abstract_state
+  from reslm.training.loop import abstract_state
 
   ckpt = Checkpointer(str(workdir), keep_best=False, async_save=False)
   meta = ckpt.read_meta()

@@ -5,11 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compress import apply_plan, make_plan
-from compress.lowrank import LowRankLinear, LowRankSparseLinear, choose_rank, factors, svd_parts
-from compress.registry import METHODS
-from models import build_model
-from models.linear import Linear
+from reslm.compress import apply_plan, make_plan
+from reslm.compress.lowrank import (
+  LowRankLinear,
+  LowRankSparseLinear,
+  choose_rank,
+  factors,
+  svd_parts,
+)
+from reslm.compress.registry import METHODS
+from reslm.models import build_model
+from reslm.models.linear import Linear
 from tests.compress.common import CFG, random_calibration
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from compress import apply_plan, apply_rules, make_plan, registry, unfused_projections
-from compress.quantize import Int4Linear, Int8Linear, NF4Linear
-from compress.registry import Dense
-from compress.targets import find_targets, get_module
-from models import build_model
-from models.linear import Linear
+from reslm.compress import apply_plan, apply_rules, make_plan, registry, unfused_projections
+from reslm.compress.quantize import Int4Linear, Int8Linear, NF4Linear
+from reslm.compress.registry import Dense
+from reslm.compress.targets import find_targets, get_module
+from reslm.models import build_model
+from reslm.models.linear import Linear
 from tests.compress.common import CFG
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 8)), jnp.int32)

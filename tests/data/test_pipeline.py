@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data import build_dataset, get_default_config, validate_config
+from reslm.data import build_dataset, get_default_config, validate_config
 
 
 def _cfg(**overrides):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from data import build_dataset, get_default_config, tokenizers
+from reslm.data import build_dataset, get_default_config, tokenizers
 
 TINYSHAKESPEARE = Path(__file__).parents[2] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from data import synthetic
-from data.synthetic import LISTOPS_IDS, LISTOPS_VOCAB
+from reslm.data import synthetic
+from reslm.data.synthetic import LISTOPS_IDS, LISTOPS_VOCAB
 
 _KEYS = ("inputs", "targets", "weights")
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from data.text import load_text, looks_local
+from reslm.data.text import load_text, looks_local
 
 
 def test_single_file_comes_back_exactly(corpus_file, corpus):

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from data import tokenizers
-from data.tokenizers import ByteTokenizer, CharTokenizer, SentencePieceTokenizer
+from reslm.data import tokenizers
+from reslm.data.tokenizers import ByteTokenizer, CharTokenizer, SentencePieceTokenizer
 
 UNICODE = "héllo wörld — 日本語 🙂\n\ttabs  and  spaces\n"
 

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from experiments import ablate
-from models import build_model
-from training.config import model_config
+from reslm.models import build_model
+from reslm.training.config import model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FILES = sorted(

@@ -22,9 +22,9 @@ import pytest
 from flax import nnx
 
 from experiments.configs import mqar
-from inference import generate
+from reslm.inference import generate
+from reslm.training import load_run
 from tests.shared_runs import shared_dir
-from training import load_run
 
 pytestmark = pytest.mark.subprocess
 

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import data as data_lib
-from compress import load_compressed, pipeline
-from compress.quantize import Int8Linear, W8A8Linear
 from experiments.configs import mqar
-from models import build_model
+from reslm import data as data_lib
+from reslm.compress import load_compressed, pipeline
+from reslm.compress.quantize import Int8Linear, W8A8Linear
+from reslm.models import build_model
+from reslm.training import Checkpointer, TrainState, build_optimizer, model_config
+from reslm.training.loop import run_meta
 from tests.compress.common import CFG
-from training import Checkpointer, TrainState, build_optimizer, model_config
-from training.loop import run_meta
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "experiments/configs/compress/quantize.py"
@@ -37,7 +37,7 @@ def test_prune_variants_plan_on_tied_and_untied_models(tie):
   """The prune rules select the block projections whether or not the model has an lm_head."""
   import dataclasses
 
-  from compress.rules import make_plan
+  from reslm.compress.rules import make_plan
 
   module = load_config_module(ROOT / "experiments/configs/compress/prune.py")
   model = build_model(dataclasses.replace(CFG, tie_embeddings=tie))

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from metrics import pareto_front
+from reslm.metrics import pareto_front
 from tests.shared_runs import pseudo_english
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

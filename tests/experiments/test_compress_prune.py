@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from compress import make_plan, pipeline
-from models import build_model
+from reslm.compress import make_plan, pipeline
+from reslm.models import build_model
 from tests.compress.common import CFG
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from inference import generate, sample_logits
-from inference import sampling as sampling_lib
-from models import ModelConfig, build_model
+from reslm.inference import generate, sample_logits
+from reslm.inference import sampling as sampling_lib
+from reslm.models import ModelConfig, build_model
 
 VOCAB = 11
 MAX_LEN = 24

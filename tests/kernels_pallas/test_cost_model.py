@@ -34,15 +34,15 @@ from experiments.benchmarks.kernels import (
   tpu_device,
   xla_estimate,
 )
-from kernels_pallas.flash_attention import BlockSizes, flash_attention
-from kernels_pallas.flash_attention import reference as flash_reference
-from kernels_pallas.paged_attention import paged_attention
-from kernels_pallas.quant_matmul import int4_matmul, int8_int8_matmul, int8_matmul
-from kernels_pallas.ragged_matmul import ragged_matmul
+from reslm.kernels_pallas.flash_attention import BlockSizes, flash_attention
+from reslm.kernels_pallas.flash_attention import reference as flash_reference
+from reslm.kernels_pallas.paged_attention import paged_attention
+from reslm.kernels_pallas.quant_matmul import int4_matmul, int8_int8_matmul, int8_matmul
+from reslm.kernels_pallas.ragged_matmul import ragged_matmul
 
-quant_reference = importlib.import_module("kernels_pallas.quant_matmul.reference")
-ragged_reference = importlib.import_module("kernels_pallas.ragged_matmul.reference")
-paged_reference = importlib.import_module("kernels_pallas.paged_attention.reference")
+quant_reference = importlib.import_module("reslm.kernels_pallas.quant_matmul.reference")
+ragged_reference = importlib.import_module("reslm.kernels_pallas.ragged_matmul.reference")
+paged_reference = importlib.import_module("reslm.kernels_pallas.paged_attention.reference")
 
 sd = jax.ShapeDtypeStruct
 BF16 = jnp.bfloat16

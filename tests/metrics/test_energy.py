@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from metrics import energy
+from reslm.metrics import energy
 
 MAX_RANGE = 1_000_000
 

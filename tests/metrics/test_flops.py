@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from metrics import flops
+from reslm.metrics import flops
 
 # A tiny GQA config used for the hand count.
 TINY = dict(

@@ -5,7 +5,7 @@ import math
 
 import jax.numpy as jnp
 
-from metrics import hardware
+from reslm.metrics import hardware
 
 
 def test_matmul_peak_positive_finite():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from metrics import params
+from reslm.metrics import params
 
 
 def _tree():

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from metrics import pareto_front
+from reslm.metrics import pareto_front
 
 
 def brute_force(costs, qualities):

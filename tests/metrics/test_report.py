@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from metrics import energy, flops, report
+from reslm.metrics import energy, flops, report
 
 SECTIONS = (
   "params",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from metrics import writers
+from reslm.metrics import writers
 
 # Values exactly representable in float32, since TensorBoard stores float32.
 LOSSES = [2.5, 1.25, 0.75, 0.5, 0.375]

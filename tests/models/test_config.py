@@ -2,11 +2,11 @@
 
 import pytest
 
-from models.config import ModelConfig
+from reslm.models.config import ModelConfig
 
 
 def test_options_namespaced_per_mixer_in_a_hybrid():
-  from models.registry import MIXERS, module_options
+  from reslm.models.registry import MIXERS, module_options
 
   cfg = ModelConfig(
     mixer="linear,dense", num_layers=2, mixer_options={"linear": {"chunk_size": 16}}

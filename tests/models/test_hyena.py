@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models.hyena  # noqa: F401  (registers "hyena")
-from models import ModelConfig, build_model
-from models.hyena import Hyena, fft_conv
-from models.longconv import DECAY_REACH, DECAY_TARGET
+import reslm.models.hyena  # noqa: F401  (registers "hyena")
+from reslm.models import ModelConfig, build_model
+from reslm.models.hyena import Hyena, fft_conv
+from reslm.models.longconv import DECAY_REACH, DECAY_TARGET
 from tests.models.mixer_checks import (
   check_causal_and_decoding,
   check_one_line_error,

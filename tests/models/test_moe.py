@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from metrics.params import active_params, count_params
-from models import ModelConfig, build_model
-from models.moe import MoE, expert_usage, load_balancing_loss, z_loss
+from reslm.metrics.params import active_params, count_params
+from reslm.models import ModelConfig, build_model
+from reslm.models.moe import MoE, expert_usage, load_balancing_loss, z_loss
 
 D, H, E = 16, 24, 4
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models.monarch  # noqa: F401  (registers "monarch")
-from models import ModelConfig, build_model
-from models.monarch import (
+import reslm.models.monarch  # noqa: F401  (registers "monarch")
+from reslm.models import ModelConfig, build_model
+from reslm.models.monarch import (
   MonarchMixer,
   dft_factors,
   fft_size,

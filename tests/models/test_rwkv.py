@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import ModelConfig, build_model
-from models.rwkv import GROUP_NORM_EPS, RWKV6TimeMix, chunked_wkv
+from reslm.models import ModelConfig, build_model
+from reslm.models.rwkv import GROUP_NORM_EPS, RWKV6TimeMix, chunked_wkv
 from tests.models.mixer_checks import (
   check_causal_and_decoding,
   check_left_padding,

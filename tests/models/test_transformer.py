@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import ModelConfig, build_model
-from models.attention.base import reference_attention
+from reslm.models import ModelConfig, build_model
+from reslm.models.attention.base import reference_attention
 
 TINY = dict(vocab_size=37, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=32)
 

@@ -6,11 +6,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from models import ModelConfig
-from parallel import mesh as mesh_lib
-from training import loop
-from training.config import get_train_defaults
-from training.steps import weighted_losses
+from reslm.models import ModelConfig
+from reslm.parallel import mesh as mesh_lib
+from reslm.training import loop
+from reslm.training.config import get_train_defaults
+from reslm.training.steps import weighted_losses
 
 # Every dimension a preset splits divides 8: heads 8, d_model 64, mlp 128, vocab 128. 4 layers
 # (scanned, so compiling costs no more than 1): 2 pipeline stages x 2 circular laps.

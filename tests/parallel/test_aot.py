@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from experiments.configs import mqar
-from parallel import aot
-from training import aot as train_aot
+from reslm.parallel import aot
+from reslm.training import aot as train_aot
 
 GIB = 2**30
 

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from parallel import comm
+from reslm.parallel import comm
 
 
 def test_shard_map_program_bytes_match_hand_computed():

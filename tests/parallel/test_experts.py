@@ -10,8 +10,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.moe import MoE
-from parallel import experts
+from reslm.models.moe import MoE
+from reslm.parallel import experts
 
 
 @pytest.fixture(scope="module")

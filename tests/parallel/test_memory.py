@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from models import ModelConfig
-from parallel import rules as rules_lib
+from reslm.models import ModelConfig
+from reslm.parallel import rules as rules_lib
 from tests.parallel import common
 
 TINY = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, mlp_dim=64)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import mqar
-from training import train_and_evaluate
+from reslm.training import train_and_evaluate
 
 pytestmark = pytest.mark.subprocess
 

@@ -10,9 +10,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models import build_model
-from parallel import pipeline as pl
-from parallel import rules as rules_lib
+from reslm.models import build_model
+from reslm.parallel import pipeline as pl
+from reslm.parallel import rules as rules_lib
 from tests.parallel import common
 
 

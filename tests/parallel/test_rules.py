@@ -6,11 +6,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from experiments.configs import mqar
-from models import build_model
-from models.sharding import logical_to_spec
-from parallel import rules as rules_lib
+from reslm.models import build_model
+from reslm.models.sharding import logical_to_spec
+from reslm.parallel import rules as rules_lib
+from reslm.training import validate_experiment
 from tests.parallel import common
-from training import validate_experiment
 
 L = "layers/groups/blocks/0/"  # Prefix of the stacked block parameters.
 NAMES = {

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from parallel import comm
-from parallel import rules as rules_lib
+from reslm.parallel import comm
+from reslm.parallel import rules as rules_lib
 from tests.parallel import common
 
 STEPS = 3

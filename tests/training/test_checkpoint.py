@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import ModelConfig, build_model
-from training import Checkpointer, TrainState, build_optimizer, load_run
-from training import config as config_lib
+from reslm.models import ModelConfig, build_model
+from reslm.training import Checkpointer, TrainState, build_optimizer, load_run
+from reslm.training import config as config_lib
 
 MODEL = dict(vocab_size=23, d_model=16, num_layers=2, num_heads=2, max_seq_len=8)
 

@@ -18,10 +18,10 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from experiments.configs import mqar
-from models.config import ModelConfig
+from reslm.models.config import ModelConfig
+from reslm.training import Checkpointer, RunResult, train_and_evaluate, validate_experiment
+from reslm.training.loop import init_state
 from tests.shared_runs import shared_dir
-from training import Checkpointer, RunResult, train_and_evaluate, validate_experiment
-from training.loop import init_state
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "configs"
 # fmt: off

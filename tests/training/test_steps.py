@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import ModelConfig, build_model
-from training import NonFiniteLossError, TrainState, build_optimizer, learning_rate_schedule
-from training import config as config_lib
-from training import loop as loop_lib
-from training.steps import make_multi_step, make_train_step
+from reslm.models import ModelConfig, build_model
+from reslm.training import NonFiniteLossError, TrainState, build_optimizer, learning_rate_schedule
+from reslm.training import config as config_lib
+from reslm.training import loop as loop_lib
+from reslm.training.steps import make_multi_step, make_train_step
 
 VOCAB = 29
 SEQ = 12

@@ -17,7 +17,7 @@ Variants (every projection but the output head; embeddings are never selected):
 
 import ml_collections
 
-from compress.pipeline import get_default_config
+from reslm.compress.pipeline import get_default_config
 
 VARIANTS = (
   "magnitude50",

@@ -19,7 +19,7 @@ Variants (weights of every projection unless said otherwise; embeddings stay flo
 
 import ml_collections
 
-from compress.pipeline import get_default_config
+from reslm.compress.pipeline import get_default_config
 
 VARIANTS = ("int8", "int4", "nf4", "gptq4", "awq4", "w8a8", "llm_int8", "mixed", "smoke")
 ALL = r".*"

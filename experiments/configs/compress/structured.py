@@ -24,7 +24,7 @@ Variants (ratios of the heads, i.e. KV groups, and of the MLP neurons removed in
 
 import ml_collections
 
-from compress.pipeline import get_default_config
+from reslm.compress.pipeline import get_default_config
 
 VARIANTS = (
   "heads25",

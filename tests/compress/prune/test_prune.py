@@ -5,15 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compress import apply_plan, make_plan
-from compress.prune import common
-from compress.prune.magnitude import global_masks
-from compress.prune.sparsegpt import sparsegpt_prune
-from compress.prune.wanda import scores
-from compress.quantize import Int8Linear
-from compress.quantize.gptq import hessian
-from compress.registry import METHODS
-from models import build_model
+from reslm.compress import apply_plan, make_plan
+from reslm.compress.prune import common
+from reslm.compress.prune.magnitude import global_masks
+from reslm.compress.prune.sparsegpt import sparsegpt_prune
+from reslm.compress.prune.wanda import scores
+from reslm.compress.quantize import Int8Linear
+from reslm.compress.quantize.gptq import hessian
+from reslm.compress.registry import METHODS
+from reslm.models import build_model
 from tests.compress.common import CFG, random_calibration
 
 OUTLIERS = [1, 10, 22, 43, 57]  # Spread over different 2:4 groups.

@@ -12,7 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
-from compress import (
+from experiments.configs.compress import structured as structured_configs
+from reslm.compress import (
   apply_plan,
   capture_inputs,
   load_compressed,
@@ -20,11 +21,10 @@ from compress import (
   save_compressed,
   unfused_projections,
 )
-from compress.prune import structured
-from compress.registry import ModelData
-from compress.targets import find_targets
-from experiments.configs.compress import structured as structured_configs
-from models import build_model
+from reslm.compress.prune import structured
+from reslm.compress.registry import ModelData
+from reslm.compress.targets import find_targets
+from reslm.models import build_model
 from tests.compress.common import CFG
 
 BOTH = r".*/(mixer|mlp)/.*"  # the mixers and MLPs, selected through their projections
@@ -281,6 +281,6 @@ def test_recovery_without_training_batches_is_an_error():
 
 @pytest.mark.parametrize("variant", structured_configs.VARIANTS)
 def test_config_variants_validate(variant):
-  from compress.pipeline import validate_config
+  from reslm.compress.pipeline import validate_config
 
   validate_config(structured_configs.get_config(variant))

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compress.quantize import formats, matmul, rtn
-from compress.quantize.layers import W8A8Linear
-from compress.registry import METHODS
+from reslm.compress.quantize import formats, matmul, rtn
+from reslm.compress.quantize.layers import W8A8Linear
+from reslm.compress.registry import METHODS
 
 
 def outlier_inputs(m=256, k=64, seed=0, scale=30.0, channels=(5, 17, 40)):

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compress.quantize import formats
-from compress.quantize.layers import Int4Linear, NF4Linear
+from reslm.compress.quantize import formats
+from reslm.compress.quantize.layers import Int4Linear, NF4Linear
 
 # QLoRA's NF4 levels as published (Dettmers et al. 2023, appendix; bitsandbytes' table).
 PUBLISHED_NF4 = [

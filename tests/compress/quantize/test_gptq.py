@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compress.quantize import rtn
-from compress.quantize.gptq import gptq_quantize, hessian
-from compress.registry import METHODS
+from reslm.compress.quantize import rtn
+from reslm.compress.quantize.gptq import gptq_quantize, hessian
+from reslm.compress.registry import METHODS
 
 
 def layer(k=64, n=24, m=512, seed=0, dead=True):

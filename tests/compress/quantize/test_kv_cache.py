@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from compress import apply_rules
-from models import build_model
-from models.attention.base import quantize_kv
+from reslm.compress import apply_rules
+from reslm.models import build_model
+from reslm.models.attention.base import quantize_kv
 from tests.compress.common import CFG
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.flash_attention import BlockSizes, flash_attention, reference
+from reslm.kernels_pallas.flash_attention import BlockSizes, flash_attention, reference
 
 # Max error allowed, relative to max(1, max |expected|); the interpret runs observe ~1e-6 (float32)
 # and ~1e-2 (bfloat16, inputs and outputs rounded) against the float32 HIGHEST reference.

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.flash_attention import BlockSizes, flash_attention, reference
-from kernels_pallas.flash_attention.config import make_config, tpu_blocks
+from reslm.kernels_pallas.flash_attention import BlockSizes, flash_attention, reference
+from reslm.kernels_pallas.flash_attention.config import make_config, tpu_blocks
 
 B, T, H, HK, D = 2, 24, 4, 2, 16
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas.flash_attention import RESIDUAL_NAMES, BlockSizes, flash_attention
+from reslm.kernels_pallas.flash_attention import RESIDUAL_NAMES, BlockSizes, flash_attention
 from tests.kernels_pallas.flash_attention.harness import export_text, has_libtpu
 
 TPU_CALL, GPU_CALL = "tpu_custom_call", "mosaic_gpu_v2"

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from kernels_pallas.paged_attention import BlockSizes, paged_attention
+from reslm.kernels_pallas.paged_attention import BlockSizes, paged_attention
 
 B, H, HK, D, P, PS, PPS = 2, 4, 2, 32, 6, 16, 3
 ARGS = dict(

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels_pallas.paged_attention import paged_attention
+from reslm.kernels_pallas.paged_attention import paged_attention
 from tests.kernels_pallas.paged_attention.harness import (
   TRITON_CALL,
   compile_for_tpu,

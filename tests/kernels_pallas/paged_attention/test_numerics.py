@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas.paged_attention import reference
+from reslm.kernels_pallas.paged_attention import reference
 from tests.kernels_pallas.paged_attention.harness import (
   CASES,
   assert_close,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.quant_matmul import (
+from reslm.kernels_pallas.quant_matmul import (
   BlockSizes,
   int4_matmul,
   int8_int8_matmul,
@@ -21,7 +21,7 @@ from kernels_pallas.quant_matmul import (
   quantize_int8,
   quantize_rows_int8,
 )
-from kernels_pallas.quant_matmul import reference as ref_lib
+from reslm.kernels_pallas.quant_matmul import reference as ref_lib
 
 # Max error relative to max(1, max |expected|). float32: the kernels sum the same exact products in
 # another order (~1e-6 observed); bfloat16: one rounding of the output (2^-8) and, in the backward,

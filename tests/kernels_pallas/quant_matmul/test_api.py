@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas.quant_matmul import (
+from reslm.kernels_pallas.quant_matmul import (
   BlockSizes,
   int4_matmul,
   int8_int8_matmul,
@@ -14,7 +14,7 @@ from kernels_pallas.quant_matmul import (
   quantize_int4,
   quantize_int8,
 )
-from kernels_pallas.quant_matmul.config import make_config, tpu_tiles
+from reslm.kernels_pallas.quant_matmul.config import make_config, tpu_tiles
 
 K, N = 256, 64
 X = jnp.ones((3, K), jnp.float32)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels_pallas.quant_matmul import int4_matmul, int8_int8_matmul, int8_matmul
+from reslm.kernels_pallas.quant_matmul import int4_matmul, int8_int8_matmul, int8_matmul
 from tests.kernels_pallas.quant_matmul.harness import (
   TRITON_CALL,
   compile_for_tpu,

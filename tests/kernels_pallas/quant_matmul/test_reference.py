@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas.quant_matmul import (
+from reslm.kernels_pallas.quant_matmul import (
   pack_int4,
   quantize_int4,
   quantize_int8,
   quantize_rows_int8,
   unpack_int4,
 )
-from kernels_pallas.quant_matmul import reference as ref
+from reslm.kernels_pallas.quant_matmul import reference as ref
 
 
 def test_int4_pack_unpack_round_trip_and_layout():

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.ragged_matmul import BlockSizes, ragged_matmul, reference
+from reslm.kernels_pallas.ragged_matmul import BlockSizes, ragged_matmul, reference
 from tests.kernels_pallas.quant_matmul.harness import (  # noqa: F401 (re-exported)
   TRITON_CALL,
   compile_for_tpu,

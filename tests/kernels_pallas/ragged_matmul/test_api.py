@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas.ragged_matmul import BlockSizes, ragged_matmul
-from kernels_pallas.ragged_matmul.tpu import visits
+from reslm.kernels_pallas.ragged_matmul import BlockSizes, ragged_matmul
+from reslm.kernels_pallas.ragged_matmul.tpu import visits
 
 M, K, N, G = 20, 128, 128, 3
 LHS, RHS = jnp.ones((M, K)), jnp.ones((G, K, N))

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels_pallas.ragged_matmul import ragged_matmul
+from reslm.kernels_pallas.ragged_matmul import ragged_matmul
 from tests.kernels_pallas.ragged_matmul.harness import (
   TRITON_CALL,
   compile_for_tpu,

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models.attention.kde  # noqa: F401  (registers "kde")
-import models.attention.lsh  # noqa: F401  (registers "lsh")
-import models.attention.mega  # noqa: F401  (registers "mega")
-from models import ModelConfig, build_model
-from models.attention.base import MaskInfo, reference_attention
-from models.attention.kde import kde_estimates
-from models.attention.lsh import LSHAttention, normalise, random_rotations
-from models.attention.mega import MegaAttention, _softmax_attention, chunk_mask
+import reslm.models.attention.kde  # noqa: F401  (registers "kde")
+import reslm.models.attention.lsh  # noqa: F401  (registers "lsh")
+import reslm.models.attention.mega  # noqa: F401  (registers "mega")
+from reslm.models import ModelConfig, build_model
+from reslm.models.attention.base import MaskInfo, reference_attention
+from reslm.models.attention.kde import kde_estimates
+from reslm.models.attention.lsh import LSHAttention, normalise, random_rotations
+from reslm.models.attention.mega import MegaAttention, _softmax_attention, chunk_mask
 
 TINY = dict(vocab_size=37, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, max_seq_len=32)
 VARIANTS = [

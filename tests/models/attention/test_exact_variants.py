@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models.attention.flash  # noqa: F401  (registers the variants)
-import models.attention.memory_efficient  # noqa: F401
-import models.attention.sliding_window  # noqa: F401
-from models import ModelConfig, build_model
-from models.attention.base import MaskInfo, reference_attention
-from models.attention.flash import flash_attention
-from models.attention.memory_efficient import chunked_attention
-from models.attention.sliding_window import band_mask
-from models.registry import MIXERS
+import reslm.models.attention.flash  # noqa: F401  (registers the variants)
+import reslm.models.attention.memory_efficient  # noqa: F401
+import reslm.models.attention.sliding_window  # noqa: F401
+from reslm.models import ModelConfig, build_model
+from reslm.models.attention.base import MaskInfo, reference_attention
+from reslm.models.attention.flash import flash_attention
+from reslm.models.attention.memory_efficient import chunked_attention
+from reslm.models.attention.sliding_window import band_mask
+from reslm.models.registry import MIXERS
 
 HEADS, HEAD_DIM, T = 4, 8, 21  # T is not a multiple of any block size below.
 BLOCKS = dict(block_q=4, block_k=8)

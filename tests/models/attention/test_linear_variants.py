@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models.attention.aft  # noqa: F401  (registers "aft")
-import models.attention.efficient  # noqa: F401  (registers "efficient")
-import models.attention.linear  # noqa: F401  (registers "linear")
-from models import ModelConfig, build_model
-from models.attention.aft import AFTAttention
-from models.attention.base import reference_attention
-from models.attention.efficient import EfficientAttention, causal_efficient_attention
-from models.attention.linear import LinearAttention, causal_linear_attention
+import reslm.models.attention.aft  # noqa: F401  (registers "aft")
+import reslm.models.attention.efficient  # noqa: F401  (registers "efficient")
+import reslm.models.attention.linear  # noqa: F401  (registers "linear")
+from reslm.models import ModelConfig, build_model
+from reslm.models.attention.aft import AFTAttention
+from reslm.models.attention.base import reference_attention
+from reslm.models.attention.efficient import EfficientAttention, causal_efficient_attention
+from reslm.models.attention.linear import LinearAttention, causal_linear_attention
 from tests.models.mixer_checks import (
   check_causal_and_decoding,
   check_one_line_error,
@@ -150,7 +150,7 @@ def test_aft_matches_double_sum(causal, variant):
 
 
 def test_aft_simple_two_level_prefix_spans_many_chunks():
-  from models.attention.aft import aft_simple
+  from reslm.models.attention.aft import aft_simple
 
   t = 150  # Three 64-token chunks, the last one partial; keys spread widely.
   q, k, v = qkv(2, seed=4, t=t, scale=8.0)
