@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from reslm.training import load_run, objectives
 from reslm.training.steps import Objective
 
 MODES = ("white_box", "black_box")
@@ -197,8 +198,6 @@ def load_teacher(cfg: ml_collections.ConfigDict, model_cfg, dataset):
     ValueError: No trained run in `distill.teacher_workdir`, or a teacher whose vocabulary or
       tokenizer differs from the student's.
   """
-  from reslm.training import load_run  # Deferred: training imports this module lazily too.
-
   d = cfg.distill
   if not os.path.exists(os.path.join(d.teacher_workdir, "config.json")):
     raise ValueError(
@@ -458,3 +457,6 @@ def black_box_dataset(cfg: ml_collections.ConfigDict, teacher, teacher_meta, dat
     )
   tokens = teacher_corpus(cfg, teacher, teacher_meta, dataset.tokenizer, workdir)
   return TeacherSamples(dataset, tokens, prompt_len, cfg.data.seed)
+
+
+objectives.register_section("distill", validate=validate_config, setup=setup)

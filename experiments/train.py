@@ -83,6 +83,7 @@ def main(argv):
       FLAGS.process_id,
       heartbeat_timeout=FLAGS.heartbeat_timeout,
     )
+  import reslm.compress  # noqa: F401  (registers its objective sections, e.g. distill)
   from experiments import showcase
   from reslm.metrics import format_report
   from reslm.training import train_and_evaluate

@@ -16,7 +16,16 @@ import zipfile
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ROOMS = ("models", "parallel", "compress", "kernels_pallas", "data", "training", "metrics", "inference")
+ROOMS = (
+  "models",
+  "parallel",
+  "compress",
+  "kernels_pallas",
+  "data",
+  "training",
+  "metrics",
+  "inference",
+)
 
 USER_SCRIPT = """
 import models, data  # the user's own packages, not the library's
@@ -76,10 +85,27 @@ def wheel(tmp_path_factory) -> pathlib.Path:
   ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
   for room in ROOMS:
     shutil.copytree(ROOT / room, src / room, ignore=ignore)
-  for name in ("setup.py", "pyproject.toml", "README.md", "requirements.txt", "requirements-test.txt"):
+  for name in (
+    "setup.py",
+    "pyproject.toml",
+    "README.md",
+    "requirements.txt",
+    "requirements-test.txt",
+  ):
     shutil.copy(ROOT / name, src / name)
   subprocess.run(
-    [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)],
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "wheel",
+      "-q",
+      "--no-deps",
+      "--no-build-isolation",
+      "-w",
+      str(out),
+      str(src),
+    ],
     check=True,
     capture_output=True,
     timeout=300,

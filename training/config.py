@@ -14,6 +14,7 @@ from reslm.models.config import ModelConfig
 from reslm.models.config import get_default_config as model_defaults
 from reslm.parallel import mesh as mesh_lib
 from reslm.parallel import rules as rules_lib
+from reslm.training import objectives
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -99,9 +100,8 @@ def validate_experiment(cfg: ml_collections.ConfigDict, *, num_devices: int = 1)
   Raises:
     ValueError: One line naming the first bad setting, its value and what is allowed.
   """
-  known = {
-    "name", "model", "data", "train", "checkpoint", "parallel", "report", "compress", "distill"
-  }  # fmt: skip
+  known = {"name", "model", "data", "train", "checkpoint", "parallel", "report", "compress"}
+  known |= set(objectives.SECTIONS)
   unknown = sorted(set(cfg.keys()) - known)
   if unknown:
     raise ValueError(
@@ -157,10 +157,8 @@ def validate_experiment(cfg: ml_collections.ConfigDict, *, num_devices: int = 1)
     )
   sizes = mesh_lib.mesh_shape(cfg.parallel, num_devices)
   rules = rules_lib.validate(cfg.parallel, model, sizes)
-  if "distill" in cfg:  # A teacher-driven objective (compress.distill); imported only when used.
-    from reslm.compress import distill
-
-    distill.validate_config(cfg, pipeline=sizes["pipeline"] > 1)
+  for name in objectives.sections_in(cfg):  # A loss-replacing section, e.g. compress.distill.
+    objectives.SECTIONS[name].validate(cfg, pipeline=sizes["pipeline"] > 1)
   batch_shards = math.prod(sizes[a] for a in rules_lib.batch_axes(rules))
   micro = cfg.data.batch_size // t.grad_accum_steps
   if cfg.data.batch_size % t.grad_accum_steps:

@@ -6,8 +6,8 @@ A run killed at any point resumes from its last checkpoint with the same command
 exactly (batches are a pure function of the step; the optimizer state is checkpointed), and
 SIGTERM writes a checkpoint before the process exits.
 
-A `distill` config section (`compress.distill`) changes only the objective and the training
-batches: it returns a `training.steps.Objective` (a teacher's frozen parameters and a loss) and/or
+An objective section (`training.objectives`, e.g. `distill` from `compress.distill`) changes only
+the objective and the training batches: it returns a `training.steps.Objective` (a teacher's frozen parameters and a loss) and/or
 a dataset whose train batches come from a teacher; checkpoints, resume, eval (plain cross-entropy
 on the real validation data) and the report work as for any run.
 """
@@ -41,6 +41,7 @@ from reslm.parallel import mesh as mesh_lib
 from reslm.parallel import pipeline as pipeline_lib
 from reslm.parallel import rules as rules_lib
 from reslm.training import config as config_lib
+from reslm.training import objectives
 from reslm.training.checkpoint import Checkpointer
 from reslm.training.optim import build_optimizer, learning_rate_schedule
 from reslm.training.steps import (
@@ -314,7 +315,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
   model_cfg = config_lib.model_config(cfg, dataset.vocab_size)
   is_chief = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  objective, dataset = _objective(cfg, model_cfg, dataset, workdir)
+  objective, dataset = objectives.setup(cfg, model_cfg, dataset, workdir)
   init_extra = None if objective is None else objective.init_params
   _say(is_chief, f"data: {dataset.describe()}")
 
@@ -444,15 +445,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
   return RunResult(
     step=step, train_loss=train_loss, eval=last_eval, report=report, preempted=preempted
   )
-
-
-def _objective(cfg, model_cfg: ModelConfig, dataset, workdir: str):
-  """(objective or None, training dataset) of the config's `distill` section, if it has one."""
-  if "distill" not in cfg:
-    return None, dataset
-  from reslm.compress import distill  # The only objective section; imported only when used.
-
-  return distill.setup(cfg, model_cfg, dataset, workdir)
 
 
 def _check_nonfinite(state: TrainState, policy: str) -> None:
