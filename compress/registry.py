@@ -11,7 +11,12 @@ and a function. Two shapes of function exist:
              once per (settings, shapes). `Dense` is a new float weight (what pruning returns, so
              later stages continue from it); `Replacement` names a
              `compress.layers.CompressedLinear` subclass and one layer's arrays for it (what
-             quantization or low-rank factoring returns; nothing runs after it).
+             quantization or low-rank factoring returns; nothing runs after it), plus `info`:
+             per-layer numbers for the report (e.g. outlier features found and kept). Optional
+             hooks: `resolve(w [slices, K, N], x [slices, M, K] | None, settings) -> settings`
+             runs eagerly on the whole stack first, for a setting that fixes a shape from the
+             data (every layer of a stack shares one shape); `warning(info, settings) -> str |
+             None` turns one layer's `info` into a message the engine issues as a Python warning.
   model      `fn(model, targets, calibration, settings) -> None` edits the model in place given
              every module the rule selected (structured pruning, KV-cache options, ...). With
              `needs_data`, it is called with a fifth argument, a `ModelData` (calibration
@@ -49,11 +54,14 @@ class Replacement:
     arrays: That layer's arrays by name (no `layers` axis).
     static: Constructor settings (static: they cannot depend on the weights' values, so every
       layer of a stack gets the same).
+    info: Scalars about this layer for the report (name -> a number), e.g. LLM.int8's outlier
+      features found and kept; the rules engine adds them to the layer's report row.
   """
 
   cls: type
   arrays: dict[str, jax.Array]
   static: dict[str, Any]
+  info: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
 
 # Both are pytrees (cls and static are static data), so a method can run under jit and vmap:
@@ -63,8 +71,8 @@ jax.tree_util.register_pytree_node(
 )
 jax.tree_util.register_pytree_node(
   Replacement,
-  lambda r: ((r.arrays,), (r.cls, tuple(sorted(r.static.items())))),
-  lambda aux, children: Replacement(aux[0], children[0], dict(aux[1])),
+  lambda r: ((r.arrays, r.info), (r.cls, tuple(sorted(r.static.items())))),
+  lambda aux, children: Replacement(aux[0], children[0], dict(aux[1]), children[1]),
 )
 
 Check = tuple[Callable[[Any], bool], str]
@@ -103,6 +111,10 @@ class Method:
     per_layer: True for the per-layer shape of `fn`, False for the whole-model shape.
     validate: Optional cross-setting check raising a ValueError (after the per-setting checks).
     needs_data: Whether a whole-model `fn` takes a `ModelData` as a fifth argument.
+    resolve: Optional per-layer hook (stack weights, stack inputs, settings) -> settings, run
+      eagerly before `fn` (see the module docstring).
+    warning: Optional per-layer hook (one layer's `Replacement.info` as floats, settings) ->
+      a warning message or None.
   """
 
   name: str
@@ -115,6 +127,8 @@ class Method:
   per_layer: bool = True
   validate: Callable[[dict, str], None] | None = None
   needs_data: bool = False
+  resolve: Callable[[Any, Any, dict], dict] | None = None
+  warning: Callable[[dict, dict], str | None] | None = None
 
   def settings(self, given: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
     """The method's defaults updated by `given`, every value checked.
@@ -157,6 +171,8 @@ def register(
   per_layer: bool = True,
   validate: Callable[[dict, str], None] | None = None,
   needs_data: bool = False,
+  resolve: Callable[[Any, Any, dict], dict] | None = None,
+  warning: Callable[[dict, dict], str | None] | None = None,
 ):
   """Decorator registering `fn` as method `name` (see `Method` for the arguments)."""
   if stage not in (*STAGES, "any") or target not in (*TARGETS, "any"):
@@ -167,12 +183,25 @@ def register(
     raise ValueError(f"method {name!r}: every setting needs a default and a check")
   if needs_data and per_layer:
     raise ValueError(f"method {name!r}: only whole-model methods (per_layer=False) take data")
+  if (resolve or warning) and not per_layer:
+    raise ValueError(f"method {name!r}: resolve and warning hooks are for per-layer methods")
 
   def wrap(fn):
     if name in METHODS:
       raise ValueError(f"compression method {name!r} is registered twice")
     METHODS[name] = Method(
-      name, stage, target, fn, defaults, checks, needs_calibration, per_layer, validate, needs_data
+      name,
+      stage,
+      target,
+      fn,
+      defaults,
+      checks,
+      needs_calibration,
+      per_layer,
+      validate,
+      needs_data,
+      resolve,
+      warning,
     )
     return fn
 

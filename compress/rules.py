@@ -4,7 +4,7 @@
     {"path": r"lm_head", "method": "none"},                            # keep it float
     {"path": r".*/mlp/.*", "method": "gptq", "settings": {"bits": 4, "group_size": 64}},
     {"path": r".*/mixer/(q|k|v|o)", "method": "int8"},
-    {"path": r".*", "method": "wanda", "settings": {"n": 2, "m": 4}},     # a prune method
+    {"path": r".*", "method": "wanda", "settings": {"n_m": "2:4"}},       # a prune method
   ]
 
 reads "int4 GPTQ on the MLPs, int8 on attention, 2:4 Wanda everywhere but the output head".
@@ -17,7 +17,9 @@ Semantics (as in qwix, with stages added so methods compose):
     first rule that matches it, in list order. `none` shields a module from every stage (or only
     from its `stage` setting) when it comes first.
   - A stage's method returns a float weight (later stages continue from it) or a replacement
-    module (nothing may follow it).
+    module (nothing may follow it). Zeros survive quantization: every quantizer maps an exact 0
+    to 0, and GPTQ keeps the zeros of a pruned weight fixed (`compress.quantize.gptq`), so
+    prune -> quantize keeps the sparsity pattern.
 Calibration inputs are captured once from the uncompressed model (`compress.calibration`), not
 layer by layer from the partly compressed one.
 """
@@ -25,6 +27,7 @@ layer by layer from the partly compressed one.
 import dataclasses
 import functools
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -251,14 +254,18 @@ def apply_plan(
         raise ValueError(
           f"{rule.where}.method={rule.method.name!r} needs calibration inputs for {target.name}"
         )
+      settings = rule.settings
+      if rule.method.resolve is not None:  # Data-dependent static settings, one per stack.
+        settings = rule.method.resolve(w, x, settings)
       # Every layer of the stack at once; errors against the weights before any stage.
-      run = _batched(rule.method.name, _freeze(rule.settings))
+      run = _batched(rule.method.name, _freeze(settings))
       result, (w_err, out_err) = run(w, x, originals[target.name])
       row = rows.setdefault(target.name, _row(target))
       row["methods"].append(rule.method.name)
       row["slices"] = [{"weight_rel_error": float(e)} for e in w_err]
       for entry, e in zip(row["slices"], [] if out_err is None else out_err, strict=False):
         entry["output_rel_error"] = float(e)
+      _record_info(row, target, result, rule.method, settings)
       new = _install(model, target, result, rule)
       if new is not None:
         replaced[target.name] = rule.method.name
@@ -276,6 +283,21 @@ def apply_rules(
 ) -> Result:
   """`make_plan` + `apply_plan` (calibration captured beforehand for the plan's targets)."""
   return apply_plan(model, make_plan(model, rules, order=order), calibration)
+
+
+def _record_info(row: dict, target: Target, result, method: Method, settings: dict) -> None:
+  """Adds a replacement's per-layer `info` to the row's slices; warns where the method says."""
+  info = getattr(result, "info", None) or {}
+  for i, entry in enumerate(row["slices"]):
+    entry.update({key: _number(value[i]) for key, value in info.items()})
+    message = method.warning(entry, settings) if method.warning else None
+    if message:
+      warnings.warn(f"{target.slice_name(i)}: {message}", stacklevel=3)
+
+
+def _number(value) -> int | float:
+  value = np.asarray(value)
+  return int(value) if np.issubdtype(value.dtype, np.integer) else float(value)
 
 
 def _row(t: Target) -> dict[str, Any]:

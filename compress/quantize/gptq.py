@@ -19,8 +19,18 @@ first row, as in the reference implementation. `act_order` processes rows by dec
 (the most active input features first); with groups its scales are computed up front from the
 original weights in the original row order ("static groups"), so the stored layout is unchanged.
 Rows whose input is always zero (diag(H) = 0) quantize to 0.
+
+Sparsity (`keep`, a mask of the weights that may be non-zero): quantization after pruning must
+not undo it, yet the error feedback moves every weight not yet quantized, pruned ones included.
+As in SparseGPT's joint sparsify + quantize, a pruned weight is fixed at 0 when its row comes
+(q = 0 there, whatever the updates made of it) and its error w − 0 is fed back like any other,
+so only kept weights end up non-zero; scales come from the kept weights alone. The `gptq` method
+takes the mask from the weight itself (`keep_zeros`: its exact zeros, e.g. from an earlier
+pruning stage, stay zero). A zero that was not pruned loses only the freedom to absorb feedback,
+and 0 is exactly representable in every format here, so nothing else changes.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -43,6 +53,7 @@ def hessian(x_mk: jax.Array) -> jax.Array:
 def gptq_quantize(
   w_kn: jax.Array,
   h_kk: jax.Array,
+  keep_kn: jax.Array | None = None,
   *,
   bits: int = 4,
   group_size: int = 0,
@@ -56,6 +67,8 @@ def gptq_quantize(
   Args:
     w_kn: Weights [K, N]; with group_size > 0, K must be a multiple of it.
     h_kk: Hessian of the inputs (e.g. `hessian(x)`).
+    keep_kn: Optional bool [K, N]: False marks pruned weights, quantized to exactly 0 (see the
+      module docstring); None keeps every weight.
     bits: Integer bits; levels are [-2^(b-1), 2^(b-1) - 1].
     group_size: Input rows per scale, or 0 for one scale per output channel.
     block_size: Rows per lazy-update block.
@@ -81,9 +94,10 @@ def gptq_quantize(
 
   w = w_kn.astype(jnp.float32)
   h = h_kk.astype(jnp.float32)
+  keep = jnp.ones((k, n), bool) if keep_kn is None else keep_kn.astype(bool)
   dead = jnp.diag(h) == 0
   h = h + jnp.diag(dead.astype(jnp.float32))
-  w = jnp.where(dead[:, None], 0.0, w)
+  w = jnp.where(dead[:, None] | ~keep, 0.0, w)
 
   perm = jnp.arange(k)
   static = None
@@ -91,7 +105,7 @@ def gptq_quantize(
     static = jnp.stack([scale_of(w[g : g + gs]) for g in range(0, k, gs)])  # [K / gs, N]
   if act_order:
     perm = jnp.argsort(-jnp.diag(h), stable=True)
-    w, h = w[perm], h[perm][:, perm]
+    w, h, keep = w[perm], h[perm][:, perm], keep[perm]
 
   h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=jnp.float32)
   hinv = cho_solve((jnp.linalg.cholesky(h), True), jnp.eye(k, dtype=jnp.float32))
@@ -106,14 +120,15 @@ def gptq_quantize(
     else:
       for g0 in range((i1 // gs) * gs, i2, gs):
         if g0 not in group_scales:  # The reference's lazy group scales: from the current w.
-          group_scales[g0] = scale_of(w[g0 : g0 + gs])
+          kept = jnp.where(keep[g0 : g0 + gs], w[g0 : g0 + gs], 0.0)
+          group_scales[g0] = scale_of(kept)
       row_scale = jnp.stack([group_scales[(r // gs) * gs] for r in range(i1, i2)])
     u1 = u[i1:i2, i1:i2]
 
-    def body(i, carry, u1=u1, row_scale=row_scale):
+    def body(i, carry, u1=u1, row_scale=row_scale, keep1=keep[i1:i2]):
       w1, q1, e1 = carry
       row, s = w1[i], row_scale[i]
-      q = jnp.clip(jnp.round(row / s), qmin, qmax)
+      q = jnp.where(keep1[i], jnp.clip(jnp.round(row / s), qmin, qmax), 0.0)
       e = (row - q * s) / u1[i, i]
       # u1 is upper triangular: row i of it only moves rows j >= i of the block.
       w1 = w1 - u1[i][:, None] * e[None, :]
@@ -136,27 +151,45 @@ def gptq_quantize(
 @register(
   "gptq",
   stage="quantize",
-  defaults={"bits": 4, "group_size": 128, "block_size": 128, "damp": 0.01, "act_order": False},
+  defaults={
+    "bits": 4,
+    "group_size": 128,
+    "block_size": 128,
+    "damp": 0.01,
+    "act_order": False,
+    "keep_zeros": True,
+  },
   checks={
     "bits": one_of(4, 8),
     "group_size": one_of(*formats.GROUP_SIZES),
     "block_size": integer(1),
     "damp": number(0.0, 1.0, lo_open=True),
     "act_order": BOOL,
+    "keep_zeros": BOOL,
   },
   needs_calibration=True,
 )
 def _gptq(w_kn, x_mk, settings):
-  """GPTQ to int4 (group-wise, `group_size`) or int8 (per output channel)."""
+  """GPTQ to int4 (group-wise, `group_size`) or int8 (per output channel).
+
+  With `keep_zeros` (default), the weight's exact zeros (an earlier pruning stage's mask) are
+  held at zero and the error feedback only leaves kept weights non-zero (see the module
+  docstring); the report's `zeros_held` counts them.
+  """
   h = hessian(x_mk)
   kw = dict(block_size=settings["block_size"], damp=settings["damp"])
   kw["act_order"] = settings["act_order"]
+  keep = (w_kn != 0) if settings["keep_zeros"] else None
+  info = {"zeros_held": jnp.sum(w_kn == 0)} if settings["keep_zeros"] else {}
   if settings["bits"] == 8:
-    q, scales, _ = gptq_quantize(w_kn, h, bits=8, group_size=0, **kw)
-    return rtn.int8_replacement(q, scales)
-  g = settings["group_size"]
-  k = w_kn.shape[0]
-  w = formats.pad_rows(w_kn, g)
-  h = jnp.pad(h, [(0, w.shape[0] - k)] * 2)  # Padded rows: dead inputs, quantized to 0.
-  q, scales, _ = gptq_quantize(w, h, bits=4, group_size=g, **kw)
-  return rtn.int4_replacement(q, scales, g)
+    q, scales, _ = gptq_quantize(w_kn, h, keep, bits=8, group_size=0, **kw)
+    r = rtn.int8_replacement(q, scales)
+  else:
+    g = settings["group_size"]
+    k = w_kn.shape[0]
+    w = formats.pad_rows(w_kn, g)
+    h = jnp.pad(h, [(0, w.shape[0] - k)] * 2)  # Padded rows: dead inputs, quantized to 0.
+    keep = None if keep is None else formats.pad_rows(keep, g)
+    q, scales, _ = gptq_quantize(w, h, keep, bits=4, group_size=g, **kw)
+    r = rtn.int4_replacement(q, scales, g)
+  return dataclasses.replace(r, info=info)

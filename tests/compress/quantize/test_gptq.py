@@ -77,3 +77,65 @@ def test_gptq_matches_qwix():
   same = jnp.isclose(w_hat, w_qwix, rtol=1e-5, atol=1e-6)
   assert float(jnp.mean(same)) > 0.99
   np.testing.assert_allclose(out_error(x, w, w_hat), out_error(x, w, w_qwix), rtol=1e-2)
+
+
+def masked_gptq_reference(w, h, keep, bits, group_size, damp=0.01):
+  """SparseGPT's joint prune + quantize, one row at a time in float64 (no lazy blocks): pruned
+  weights become 0 when their row comes and feed their error back like any other."""
+  w, h, keep = np.array(w, np.float64), np.array(h, np.float64), np.asarray(keep)
+  k, n = w.shape
+  gs = group_size or k
+  qmax = 2 ** (bits - 1) - 1
+  w[~keep] = 0.0
+  h += damp * np.mean(np.diag(h)) * np.eye(k)
+  u = np.linalg.cholesky(np.linalg.inv(h)).T  # H⁻¹ = UᵀU, U upper triangular
+  q, scales = np.zeros((k, n)), []
+  for i in range(k):
+    if i % gs == 0:  # Group scale from the current kept weights.
+      amax = np.abs(w[i : i + gs] * keep[i : i + gs]).max(axis=0)
+      scales.append(np.where(amax > 0, amax / qmax, 1.0))
+    q[i] = np.where(keep[i], np.clip(np.round(w[i] / scales[-1]), -qmax - 1, qmax), 0.0)
+    e = (w[i] - q[i] * scales[-1]) / u[i, i]
+    w[i:] -= np.outer(u[i, i:], e)
+  return q, np.stack(scales)
+
+
+@pytest.mark.parametrize(
+  "bits,group_size,act_order", [(4, 32, False), (8, 0, False), (4, 32, True)]
+)
+def test_gptq_holds_pruned_weights_at_zero(bits, group_size, act_order):
+  """A 2:4-pruned weight stays 2:4 and matches the row-by-row masked OBS reference; the error
+  feedback still beats round-to-nearest of the pruned weight."""
+  w, x = layer(dead=False)
+  # 2:4 along the inputs: 2 of every 4 rows kept, a random pair per group and output.
+  rng = np.random.default_rng(1)
+  keep = (np.argsort(rng.random((16, 4, 24)), axis=1) < 2).reshape(w.shape)
+  pruned = jnp.where(keep, w, 0.0)
+  h = hessian(x)
+  q, scales, w_hat = gptq_quantize(
+    pruned, h, pruned != 0, bits=bits, group_size=group_size, block_size=16, act_order=act_order
+  )
+  w_hat = np.asarray(w_hat)
+  assert (w_hat[~keep] == 0).all() and (np.asarray(q)[~keep] == 0).all()
+  assert ((w_hat != 0).reshape(16, 4, -1).sum(axis=1) <= 2).all()
+  rtn_err = out_error(x, pruned, rtn.quantize_dequantize(pruned, bits, group_size or 32))
+  assert out_error(x, pruned, w_hat) < rtn_err
+  if not act_order:
+    q_ref, s_ref = masked_gptq_reference(pruned, h, keep, bits, group_size)
+    np.testing.assert_allclose(np.reshape(scales, s_ref.shape), s_ref, rtol=1e-4)
+    assert np.mean(np.asarray(q) == q_ref) > 0.99  # A rounding tie may flip a level.
+  # Without the mask (the old behaviour) the feedback moves pruned places off zero.
+  _, _, unmasked = gptq_quantize(pruned, h, bits=bits, group_size=group_size, block_size=16)
+  assert (np.asarray(unmasked)[~keep] != 0).any()
+
+
+def test_gptq_method_keeps_exact_zeros_and_reports_them():
+  w, x = layer(k=40, dead=False)  # Padded to 64 rows for groups of 32.
+  w = w.at[::3].set(0.0)  # Every third input row pruned.
+  m = METHODS["gptq"]
+  for bits in (4, 8):
+    r = m.fn(w, x, m.settings({"bits": bits, "group_size": 32}, "t"))
+    w_hat = np.asarray(r.cls.weight(r.arrays, r.static, 40))
+    assert (w_hat[::3] == 0).all() and int(r.info["zeros_held"]) == int(jnp.sum(w == 0))
+    r = m.fn(w, x, m.settings({"bits": bits, "group_size": 32, "keep_zeros": False}, "t"))
+    assert (np.asarray(r.cls.weight(r.arrays, r.static, 40))[::3] != 0).any()
