@@ -1,12 +1,18 @@
 """AWQ, SmoothQuant W8A8 and LLM.int8 against their definitions and against plain RTN."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from reslm.compress import apply_rules, make_plan
 from reslm.compress.quantize import formats, matmul, rtn
 from reslm.compress.quantize.layers import W8A8Linear
 from reslm.compress.registry import METHODS
+from reslm.models import build_model
+from tests.compress.common import CFG, random_calibration
 
 
 def outlier_inputs(m=256, k=64, seed=0, scale=30.0, channels=(5, 17, 40)):
@@ -89,3 +95,44 @@ def test_llm_int8_outlier_columns_are_exact_in_float():
   xq, xs = formats.quantize_rows_int8(inl)
   ref = (xq.astype(jnp.float32) * xs[:, None]) @ (r.arrays["w_q"] * r.arrays["w_scale"])
   np.testing.assert_allclose(layer.matmul(x), ref + only @ w, rtol=1e-4, atol=1e-3)
+
+
+def test_llm_int8_cap_keeps_the_largest_and_reports_found_and_kept():
+  x = outlier_inputs(scale=20.0)
+  x = x.at[:, 17].multiply(3.0)  # Largest outlier features: 17, then 5 or 40.
+  w = jax.random.normal(jax.random.key(6), (64, 32))
+  amax = np.abs(np.asarray(x)).max(axis=0)
+  top2 = sorted(np.argsort(-amax)[:2].tolist())
+  _, r = run("llm_int8", w, x, threshold=6.0, max_outliers=2)
+  assert r.arrays["outlier_idx"].tolist() == top2
+  assert int(r.info["outliers_found"]) == 3 and int(r.info["outliers_kept"]) == 2
+  _, r = run("llm_int8", w, x, threshold=6.0)  # No cap (the default): every feature above 6.
+  idx = np.asarray(r.arrays["outlier_idx"])
+  assert sorted(idx[idx < 64].tolist()) == [5, 17, 40] and int(r.info["outliers_kept"]) == 3
+  with pytest.raises(ValueError, match="max_outliers=0 is not allowed for llm_int8"):
+    METHODS["llm_int8"].settings({"max_outliers": 0}, "t")
+
+
+def test_llm_int8_through_rules_sizes_slots_and_warns_when_capped():
+  """A stack of two layers with 3 and 1 outlier features: without a cap both keep all (3 float
+  slots, the stack's most); capped at 2, the report says 3 found / 2 kept and a warning names
+  the layer."""
+  rules = [{"path": r".*/blocks/0/mlp/up", "method": "llm_int8"}]
+  model = build_model(CFG)
+  calibration = random_calibration(make_plan(model, rules), seed=2)
+  (name,) = calibration
+  calibration[name] *= 0.2  # Inliers: max |x| well below 6.
+  calibration[name][0, :, [3, 9, 20]] = 10.0  # Layer 0: three outlier features.
+  calibration[name][1, :, 7] = -8.0  # Layer 2: one.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # No cap, no warning.
+    result = apply_rules(model, rules, calibration)
+  idx = np.asarray(model.layers.groups.blocks[0].mlp.up.outlier_idx[...])
+  assert idx.shape == (2, 3) and idx[0].tolist() == [3, 9, 20] and idx[1].tolist() == [7, 32, 32]
+  found = [(s["outliers_found"], s["outliers_kept"]) for s in result.layers[0]["slices"]]
+  assert found == [(3, 3), (1, 1)]
+  capped = [{**rules[0], "settings": {"max_outliers": 2}}]
+  with pytest.warns(UserWarning, match=r"blocks/0/mlp/up\[layer=0\]: llm_int8 found 3 .* keeps 2"):
+    result = apply_rules(build_model(CFG), capped, calibration)
+  found = [(s["outliers_found"], s["outliers_kept"]) for s in result.layers[0]["slices"]]
+  assert found == [(3, 2), (1, 1)]
