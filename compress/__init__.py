@@ -9,7 +9,7 @@ Methods register by name in `compress.registry` (quantization in `compress.quant
 family (pruning, low-rank, distillation) registers its own and is imported here.
 """
 
-from reslm.compress import distill, lowrank, prune, quantize  # noqa: F401  (register the methods)
+from reslm.compress import asvd, distill, lowrank, prune, quantize  # noqa: F401  (register methods)
 from reslm.compress.calibration import calibration_tokens, capture_inputs
 from reslm.compress.checkpoint import load_compressed, save_compressed
 from reslm.compress.intercept import unfused_projections

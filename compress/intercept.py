@@ -1,12 +1,12 @@
 """Sending fused projections through their own modules, for compressed and instrumented layers.
 
 `models.linear.fused_linear` computes several `Linear`s that share an input (q/k/v, SwiGLU's gate
-and up) as one matmul over their concatenated `kernel`s, without calling the layers. A compressed
-layer still gives the right function that way (its `kernel` is the dequantized weight), but its
-own matmul (int8 x int8 activations, low-bit kernels) and a calibration recorder are bypassed.
-`unfused_projections()` rebinds `fused_linear` in every loaded module that imported it to a
-version that calls each layer when any of them is not a plain `Linear`, and restores it on exit.
-If `fused_linear` itself learns to do this, the context becomes a no-op.
+and up) as fewer, wider matmuls over their `kernel`s. A compressed layer's own matmul (int8 x
+int8 activations, low-bit kernels) and a calibration recorder must be called instead: today
+`fused_linear` does that itself (it applies any layer that is not a plain `Linear` on its own), so
+`unfused_projections()` changes nothing. It stays as a guard for callers: it rebinds
+`fused_linear`, in every loaded module that imported it, to a version that calls each layer when
+any of them is not a plain `Linear`, and restores it on exit.
 """
 
 import contextlib

@@ -13,10 +13,10 @@ subclass's `ARRAYS` table stand for the first logical name of the input and of t
 `LayerStack` holds every layer's arrays stacked on a leading `layers` axis, like the kernel it
 replaces; its methods only ever see one layer (the stack's scan slices the state).
 
-`models.linear.fused_linear` (q/k/v, gate/up) reads `layer.kernel[...]` rather than calling the
-layer; `kernel` here is the dequantized weight so that path still computes the right function.
-Run the model inside `compress.unfused_projections()` to send those projections through `matmul`
-instead (needed for activation quantization: W8A8, LLM.int8).
+`models.linear.fused_linear` (q/k/v, gate/up) calls a `CompressedLinear` like any layer that is
+not a plain `Linear`, so its own `matmul` runs (int8 x int8 activations for W8A8 and LLM.int8,
+the low-bit kernels). `kernel` is still the dequantized weight in the replaced layer's layout,
+for code that reads kernels directly.
 """
 
 import math

@@ -1,13 +1,17 @@
 """Low-rank factorization: w [K, N] ≈ a [K, r] @ b [r, N], stored as two factors.
 
-  svd    truncated SVD of the weight (the best rank-r approximation of w in Frobenius norm)
-  asvd   activation-aware: the best rank-r approximation of the layer's outputs on calibration
-         inputs. With XᵀX/M = LLᵀ (Cholesky, dampened), ‖X(W − Ŵ)‖_F = ‖Lᵀ(W − Ŵ)‖_F up to the
-         tokens' scale, so truncate the SVD of LᵀW = UΣVᵀ and undo the whitening:
-         a = L⁻ᵀ U_r Σ_r^½, b = Σ_r^½ V_rᵀ (whitening as in SVD-LLM)
+  svd      truncated SVD of the weight (the best rank-r approximation of w in Frobenius norm)
+  svd_llm  SVD-LLM's truncation-aware data whitening (Wang et al. 2024): the best rank-r
+           approximation of the layer's outputs on calibration inputs. With XᵀX/M = LLᵀ
+           (Cholesky, dampened by `damp` · mean diag), ‖X(W − Ŵ)‖_F = ‖Lᵀ(W − Ŵ)‖_F up to the
+           tokens' scale, so truncate the SVD of LᵀW = UΣVᵀ and undo the whitening:
+           a = L⁻ᵀ U_r Σ_r^½, b = Σ_r^½ V_rᵀ. Only the whitening: SVD-LLM's parameter update
+           after truncation (sequential low-rank fine-tuning) is not implemented, and the damping
+           is always added (SVD-LLM adds it only when XᵀX is not positive definite).
+  (ASVD's diagonal activation scaling with sensitivity-based rank allocation is `compress.asvd`.)
 
 Rank (give at most one; none means energy=0.9):
-  energy          the smallest r keeping that fraction of Σσ² (of the whitened spectrum for asvd)
+  energy          the smallest r keeping that fraction of Σσ² (of the whitened spectrum for svd_llm)
   param_fraction  the largest r with r(K + N) ≤ param_fraction · K · N (a parameter budget)
   rank            a fixed r (capped at min(K, N))
   losparse  `svd` plus a sparse residual (LoSparse, Li et al. 2023, here post-training: no
@@ -84,13 +88,18 @@ def _validate(settings: dict, where: str) -> None:
     raise ValueError(f"{where} gives {' and '.join(given)}; give one rank rule")
 
 
+def budget_rank(fraction: float, k: int, n: int) -> int:
+  """The largest r >= 1 with r(K + N) <= fraction · K · N, capped at min(K, N)."""
+  return int(min(k, n, max(1, np.floor(fraction * k * n / (k + n)))))
+
+
 def choose_rank(sigma: np.ndarray, k: int, n: int, settings: dict) -> int:
   """The rank the settings ask for, given singular values `sigma` (descending) of a K x N map."""
   full = min(k, n)
   if settings["rank"] is not None:
     return min(settings["rank"], full)
   if settings["param_fraction"] is not None:
-    return int(min(full, max(1, np.floor(settings["param_fraction"] * k * n / (k + n)))))
+    return budget_rank(settings["param_fraction"], k, n)
   energy = 0.9 if settings["energy"] is None else settings["energy"]
   cum = np.cumsum(sigma.astype(np.float64) ** 2)
   if cum[-1] == 0:
@@ -128,7 +137,7 @@ def _factorize(model, targets, calibration, settings, *, aware: bool, density: f
     _, k, n = w.shape
     x = calibration.get(t.name) if aware else None
     if aware and x is None:
-      raise ValueError(f"method asvd needs calibration inputs for {t.name}")
+      raise ValueError(f"method svd_llm needs calibration inputs for {t.name}")
     parts = [
       svd_parts(w[i], None if x is None else x[i], settings.get("damp", 0.0)) for i in range(len(w))
     ]
@@ -166,7 +175,7 @@ def _svd(model, targets, calibration, settings):
 
 
 @register(
-  "asvd",
+  "svd_llm",
   stage="lowrank",
   defaults={**RANK_DEFAULTS, "damp": 0.01},
   checks={**RANK_CHECKS, "damp": number(0.0, 1.0, lo_open=True)},
@@ -174,8 +183,8 @@ def _svd(model, targets, calibration, settings):
   per_layer=False,
   validate=_validate,
 )
-def _asvd(model, targets, calibration, settings):
-  """SVD of the weights whitened by the calibration inputs' covariance (Cholesky)."""
+def _svd_llm(model, targets, calibration, settings):
+  """SVD of the weights whitened by the calibration inputs' covariance (Cholesky; SVD-LLM)."""
   return _factorize(model, targets, calibration, settings, aware=True)
 
 

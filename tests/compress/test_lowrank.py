@@ -1,4 +1,4 @@
-"""Low-rank factoring: exact at full rank, the rank rules as defined, activation-aware SVD against
+"""Low-rank factoring: exact at full rank, the rank rules as defined, SVD-LLM whitening against
 plain SVD on the layer's outputs, and replacement through the rules."""
 
 import jax.numpy as jnp
@@ -64,7 +64,7 @@ def test_rank_rules():
     settings(energy=0.9, rank=3)
 
 
-def test_activation_aware_beats_plain_svd():
+def test_svd_llm_whitening_beats_plain_svd():
   w, x = anisotropic()
   for rank in (4, 8):
     plain = out_error(x, w, np.matmul(*factors(svd_parts(w), rank)))
@@ -80,7 +80,7 @@ def test_rules_replace_with_low_rank_layers():
   w_down = np.asarray(blocks[0].mlp.down.kernel[...])  # [layers, 85, 32]
   rules = [
     {"path": r".*/blocks/0/mlp/up", "method": "svd", "settings": {"rank": 4}},
-    {"path": r".*/blocks/1/mlp/down", "method": "asvd", "settings": {"param_fraction": 0.25}},
+    {"path": r".*/blocks/1/mlp/down", "method": "svd_llm", "settings": {"param_fraction": 0.25}},
     {"path": r".*/blocks/0/mlp/down", "method": "losparse", "settings": {"rank": 2}},
     {"path": r".*/blocks/1/mlp/up", "method": "svd", "settings": {"energy": 1.0}},
   ]

@@ -19,6 +19,10 @@ EXPECTED = {
   "wanda_2_4": {"wanda"},
   "sparsegpt_2_4_int8": {"sparsegpt", "int8"},
   "svd_energy90": {"svd"},
+  "svd_p60": {"svd"},
+  "svd_llm_p60": {"svd_llm"},
+  "asvd_p60": {"asvd"},
+  "asvd_uniform_p60": {"asvd"},
   "smoke": {"wanda"},
 }
 

@@ -12,6 +12,11 @@ Variants (every projection but the output head; embeddings are never selected):
   wanda_2_4           2:4 Wanda
   sparsegpt_2_4_int8  2:4 SparseGPT, then int8 round-to-nearest (prune -> quantize)
   svd_energy90        truncated SVD keeping 90% of each layer's spectral energy
+  svd_p60             truncated SVD, every layer at 60% of its parameters
+  svd_llm_p60         SVD-LLM whitening (Cholesky of the inputs' XᵀX), 60% per layer
+  asvd_p60            ASVD: activation scaling, ranks by calibration-loss sensitivity within 60% of
+                      the parameters overall (per layer anywhere from 10% to dense)
+  asvd_uniform_p60    ASVD scaling, every layer at 60% (no sensitivity search; the ablation)
   smoke               wanda50 on 4 calibration sequences and 2 eval batches (seconds, for tests)
 """
 
@@ -26,6 +31,10 @@ VARIANTS = (
   "wanda_2_4",
   "sparsegpt_2_4_int8",
   "svd_energy90",
+  "svd_p60",
+  "svd_llm_p60",
+  "asvd_p60",
+  "asvd_uniform_p60",
   "smoke",
 )
 # Block projections only: the output head (absent when tied to the embeddings) and the
@@ -42,6 +51,10 @@ def _rules(variant: str) -> list[dict]:
     "wanda_2_4": ("wanda", {"n_m": "2:4"}),
     "sparsegpt_2_4_int8": ("sparsegpt", {"n_m": "2:4"}),
     "svd_energy90": ("svd", {"energy": 0.9}),
+    "svd_p60": ("svd", {"param_fraction": 0.6}),
+    "svd_llm_p60": ("svd_llm", {"param_fraction": 0.6}),
+    "asvd_p60": ("asvd", {"param_fraction": 0.6}),
+    "asvd_uniform_p60": ("asvd", {"param_fraction": 0.6, "search": False}),
   }
   method, settings = one[variant]
   rules = [{"path": ALL, "method": method, "settings": settings}]
