@@ -8,11 +8,17 @@ An ablation file defines `get_ablation(arg) -> dict` with:
                  "quality": "eval_accuracy" | "eval_loss" | ..., "higher_is_better": bool,
                  "arm_overrides": {arm: {dotted: value}}  (optional, per-task tweaks of an arm)}}
   arms:  {name: {dotted.setting: value}}   (applied on top of each task's config)
-  cost:  report field for the Pareto x-axis: "xla_flops_per_token", "peak_bytes" or "step_s".
+  cost:  row field for the Pareto x-axis: "flops_per_token" (default), "xla_flops_per_token",
+         "peak_bytes" or "step_s".
 Each (task, arm) trains in <workdir>/<task>/<arm> through the normal training loop; finished runs
 are reused, so an interrupted sweep resumes. Prints one table per task (quality, tokens/s, compiled
 peak memory, FLOPs/token, parameters) and writes <workdir>/ablation.json and a Pareto plot per
 task (<workdir>/pareto_<task>.png).
+
+FLOPs/token is the report's model count (`training.flops.model_flops`: forward matmul FLOPs with
+every loop counted, times 3), a function of the arm's config alone; a finished row from before it
+was recorded gets it computed from the config, without retraining. `xla_flops_per_token` is XLA's
+count of the compiled step, which visits each loop body once (kept for comparison only).
 """
 
 import importlib.util
@@ -33,7 +39,7 @@ flags.DEFINE_list("tasks", [], "Only these tasks (default: all).")
 flags.DEFINE_integer("steps", 0, "Override train.steps for every run (0 = the task's own).")
 FLAGS = flags.FLAGS
 
-COSTS = ("xla_flops_per_token", "peak_bytes", "step_s")
+COSTS = ("flops_per_token", "xla_flops_per_token", "peak_bytes", "step_s")
 
 
 def _load_module(path: str):
@@ -71,6 +77,8 @@ def _row(report: dict, result_eval: dict) -> dict:
     "train_tokens_per_s": report["throughput"]["train_tokens_per_s"],
     "step_s": report["time"]["step_median_s"],
     "peak_bytes": report["memory"]["peak_bytes"],
+    "flops_per_token": report["flops"]["train_per_token"],
+    "flops_source": report["mfu"]["flops_source"],
     "xla_flops_per_token": report["flops"]["xla_flops_per_token"],
     "params": report["params"]["total"],
     "active_params": report["params"].get("active_per_token", report["params"]["total"]),
@@ -78,19 +86,42 @@ def _row(report: dict, result_eval: dict) -> dict:
   }
 
 
-def run_arm(task: dict, overrides: dict, workdir: str, steps: int) -> dict:
-  """Trains one (task, arm) unless it already finished; returns its row."""
-  done = os.path.join(workdir, "ablation_row.json")
-  if os.path.exists(done):
-    with open(done) as f:
-      return json.load(f)
-  from reslm.training import train_and_evaluate
-
+def arm_config(task: dict, overrides: dict, steps: int = 0):
+  """The experiment config of one (task, arm): the task's config with both sets of overrides."""
   cfg = load_task_config(task["config"])
   apply_overrides(cfg, {**task.get("overrides", {}), **overrides})
   if steps:
     cfg.train.steps = steps
     cfg.train.decay_steps = steps
+  return cfg
+
+
+def config_flops(cfg) -> dict:
+  """The model FLOPs per token a training run of `cfg` reports, computed without training."""
+  from reslm import data as data_lib
+  from reslm.training import config as config_lib
+  from reslm.training.flops import model_flops
+
+  model_cfg = config_lib.model_config(cfg, data_lib.build_dataset(cfg.data).vocab_size)
+  micro = cfg.data.batch_size // cfg.train.grad_accum_steps
+  return model_flops(model_cfg, batch_size=micro, seq_len=cfg.data.seq_len)
+
+
+def run_arm(task: dict, overrides: dict, workdir: str, steps: int) -> dict:
+  """Trains one (task, arm) unless it already finished; returns its row."""
+  done = os.path.join(workdir, "ablation_row.json")
+  cfg = arm_config(task, overrides, steps)
+  if os.path.exists(done):
+    with open(done) as f:
+      row = json.load(f)
+    if "flops_per_token" not in row:  # A row from before the count was recorded.
+      counted = config_flops(cfg)
+      row.update(flops_per_token=counted["train_per_token"], flops_source=counted["source"])
+      with open(done, "w") as f:
+        json.dump(row, f, indent=2)
+    return row
+  from reslm.training import train_and_evaluate
+
   cfg.train.progress_bar = False
   result = train_and_evaluate(cfg, workdir)
   if result.preempted:
@@ -114,7 +145,7 @@ def _print_table(task_name: str, task: dict, rows: dict) -> None:
     if "error" in row:
       print(f"{arm:22s}  error: {row['error']}")
       continue
-    flops = row["xla_flops_per_token"]
+    flops = row["flops_per_token"]
     print(
       f"{arm:22s}{row.get(q, float('nan')):14.4f}{row['train_tokens_per_s']:11.0f}"
       f"{(row['peak_bytes'] or 0) / 2**20:10.1f}{(flops or 0) / 1e9:11.4f}{row['params']:10d}"
@@ -153,7 +184,7 @@ def main(argv):
   del argv
   path, _, arg = FLAGS.ablation.partition(":")
   ablation = _load_module(path).get_ablation(arg or None)
-  cost = ablation.get("cost", "xla_flops_per_token")
+  cost = ablation.get("cost", "flops_per_token")
   if cost not in COSTS:
     raise ValueError(f"ablation cost={cost!r} is not known; choose one of: {', '.join(COSTS)}")
   tasks = {k: v for k, v in ablation["tasks"].items() if not FLAGS.tasks or k in FLAGS.tasks}

@@ -2,8 +2,10 @@
 
 Analytic counts follow the usual convention of 2 FLOPs per multiply-add and count only matmuls
 (norms, activations and softmax are lower order). XLA's `cost_analysis()` counts every HLO op but
-visits a while-loop body once, so a `scan` over layers reports roughly one layer's worth of FLOPs;
-reports must label which figure they use.
+visits a while-loop body once, so a `scan` over layers reports roughly one layer's worth of FLOPs,
+and a chunked or blocked mixer one chunk's; reports must label which figure they use. A model's
+FLOPs with every loop counted are in `metrics.jaxpr_flops` (any program) and
+`training.flops.model_flops` (a configured model).
 """
 
 from typing import Any
@@ -81,8 +83,11 @@ def transformer_flops_per_token(
 def six_n_flops_per_token(n_matmul_params: int | float) -> float:
   """Returns the dense rule-of-thumb training FLOPs per token, 6·N.
 
-  2·N for the forward pass and 4·N for the backward pass, where N counts parameters that take part
-  in matmuls (embedding lookups excluded); attention over the context is ignored.
+  2·N for the forward pass and 4·N for the backward pass, where N counts the parameters that take
+  part in matmuls, active per token: not the input embedding table (a lookup), but the LM head
+  (untied, or the tied table in its role as the head), and for a mixture of experts only the
+  experts a token is routed to. Attention over the context and other activation-by-activation
+  products are ignored. `training.flops.model_flops` measures N as `matmul_params`.
 
   Args:
     n_matmul_params: Number of matmul parameters active per token.

@@ -19,8 +19,10 @@ from reslm.metrics import flops as flops_lib
 from reslm.metrics import hardware
 
 XLA_FLOPS_NOTE = (
-  "XLA cost_analysis counts while-loop bodies once; scanned layers or microbatch loops undercount."
+  "XLA cost_analysis of the compiled step counts each while-loop body once: scanned layers, "
+  "chunked recurrences, blocked attention and microbatch loops are undercounted."
 )
+XLA_SOURCE = "xla cost_analysis, while-loop bodies counted once (an undercount)"
 PEAK_SOURCE = "measured square-matmul peak (same run, same device)"
 ESTIMATE_MARK = " (estimate)"
 
@@ -90,7 +92,7 @@ def build_report(
   params_total: int | None,
   params_trainable: int | None,
   params_active_per_token: int | None,
-  analytic_flops_per_token: dict | None,
+  model_flops: dict | None,
   compiled: Any,
   tokens_per_step: int | None,
   steps_timed: int | None,
@@ -108,7 +110,11 @@ def build_report(
     params_total: All parameters.
     params_trainable: Parameters updated by the optimiser.
     params_active_per_token: Parameters used per token (differs from total for MoE / sparsity).
-    analytic_flops_per_token: Output of `transformer_flops_per_token`, or None.
+    model_flops: Model FLOPs per token, e.g. from `training.flops.model_flops`: a dict with
+      `forward_per_token`, `train_per_token` (the MFU numerator), `source` (how they were
+      obtained), optionally `uncounted` (work the count missed) and `matmul_params` (parameters
+      entering a matmul per token, the N of 6·N). None: MFU falls back to XLA's loop-once count,
+      labelled as such.
     compiled: The compiled train step (`jax.stages.Compiled`), or None.
     tokens_per_step: Tokens processed per train step (global batch × sequence length).
     steps_timed: Number of steps in `step_seconds`.
@@ -125,18 +131,21 @@ def build_report(
     extra. Figures whose inputs are missing are None.
   """
   cfg = cfg if cfg is not None else get_default_config()
-  analytic = analytic_flops_per_token or {}
+  model = model_flops or {}
   xla = flops_lib.xla_cost(compiled)
   median_s, p90_s = _step_stats(step_seconds)
   tokens_per_s = _div(tokens_per_step, median_s)
 
   xla_per_token = _div(xla["flops"], tokens_per_step)
-  train_per_token = _num(analytic.get("train"))
-  flops_source = "analytic"
-  if train_per_token is None and xla_per_token is not None:
-    train_per_token, flops_source = xla_per_token, "xla (loop bodies counted once)"
-  elif train_per_token is None:
-    flops_source = None
+  train_per_token = _num(model.get("train_per_token"))
+  uncounted = list(model.get("uncounted") or [])
+  flops_source = model.get("source")
+  if flops_source and uncounted:
+    flops_source += " (incomplete: " + ", ".join(uncounted) + ")"
+  if train_per_token is None:
+    train_per_token = xla_per_token
+    flops_source = XLA_SOURCE if xla_per_token is not None else None
+  matmul_params = _int(model.get("matmul_params"))
   achieved = _mul(train_per_token, tokens_per_s)
   peak = _num(peak_flops_per_second)
 
@@ -152,14 +161,15 @@ def build_report(
       "total": _int(params_total),
       "trainable": _int(params_trainable),
       "active_per_token": _int(params_active_per_token),
+      "matmul_per_token": matmul_params,
     },
     "flops": {
-      "analytic_forward_per_token": _num(analytic.get("forward")),
-      "analytic_train_per_token": _num(analytic.get("train")),
+      "forward_per_token": _num(model.get("forward_per_token")),
+      "train_per_token": _num(model.get("train_per_token")),
+      "source": model.get("source"),
+      "uncounted": uncounted,
       "six_n_train_per_token": (
-        flops_lib.six_n_flops_per_token(params_active_per_token)
-        if _num(params_active_per_token) is not None
-        else None
+        flops_lib.six_n_flops_per_token(matmul_params) if matmul_params is not None else None
       ),
       "xla_flops_per_step": xla["flops"],
       "xla_flops_per_token": xla_per_token,
@@ -265,7 +275,7 @@ def _format_value(section: str, key: str, value: Any) -> str:
   if isinstance(value, str):
     return value
   if isinstance(value, (list, tuple)):
-    return ", ".join(str(v) for v in value)
+    return ", ".join(str(v) for v in value) or "none"
   if isinstance(value, dict):
     return json.dumps(value, sort_keys=True, default=str)
   if not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -17,6 +17,7 @@ from reslm.parallel import aot
 from reslm.parallel import comm as comm_lib
 from reslm.parallel import mesh as mesh_lib
 from reslm.training import config as config_lib
+from reslm.training import flops as flops_lib
 from reslm.training import loop
 
 # Loop-free variants for cost estimates: no windowed-einsum loops either.
@@ -111,13 +112,9 @@ def compile_only(cfg, topology: str, *, estimate: bool = True) -> dict[str, Any]
   if estimate:
     est = _estimate(cfg, model_cfg, mesh, example)
     tokens = cfg.data.batch_size * cfg.data.seq_len
-    analytic = loop.analytic_flops_per_token(model_cfg, cfg.data.seq_len)
-    if analytic is not None:
-      model_flops, source = analytic["train"] * tokens, "analytic (6·N·T + attention)"
-    elif est["flops_per_device"] is not None:
-      model_flops, source = est["flops_per_device"] * len(devices), "xla (loop-free variant)"
-    else:
-      model_flops, source = None, None
+    micro = cfg.data.batch_size // cfg.train.grad_accum_steps
+    counted = flops_lib.model_flops(model_cfg, batch_size=micro, seq_len=cfg.data.seq_len)
+    model_flops, source = counted["train_per_token"] * tokens, counted["source"]
     peak = aot.CHIPS[gen].peak_flops * chips
     mfu = None
     if model_flops and est["step_seconds"]:

@@ -43,6 +43,7 @@ from reslm.parallel import rules as rules_lib
 from reslm.training import config as config_lib
 from reslm.training import objectives
 from reslm.training.checkpoint import Checkpointer
+from reslm.training.flops import model_flops
 from reslm.training.optim import build_optimizer, learning_rate_schedule
 from reslm.training.steps import (
   OBJECTIVE_PARAMS,
@@ -500,24 +501,6 @@ def _show(bar, step: int, scalars: dict[str, float], eval_: bool = False) -> Non
     )
 
 
-def analytic_flops_per_token(model_cfg: ModelConfig, seq_len: int) -> dict | None:
-  """`metrics.transformer_flops_per_token` for dense-attention transformers, else None."""
-  if set(model_cfg.mixer_pattern) != {"dense"} or model_cfg.mlp not in ("swiglu", "gelu"):
-    return None
-  return metrics_lib.transformer_flops_per_token(
-    num_layers=model_cfg.num_layers,
-    d_model=model_cfg.d_model,
-    num_heads=model_cfg.num_heads,
-    num_kv_heads=model_cfg.num_kv_heads,
-    head_dim=model_cfg.resolved_head_dim,
-    mlp_dim=model_cfg.mlp_dim,
-    mlp_kind=model_cfg.mlp,
-    vocab_size=model_cfg.vocab_size,
-    seq_len=seq_len,
-    causal=model_cfg.kind == "decoder",
-  )
-
-
 def _report(
   cfg,
   model_cfg,
@@ -536,14 +519,16 @@ def _report(
   n_params = metrics_lib.count_params(params)
   usage = expert_usage(model_cfg)  # Experts per token for MoE models: fewer active parameters.
   n_active = n_params if usage is None else active_params(params, **usage)
-  analytic = analytic_flops_per_token(model_cfg, cfg.data.seq_len)
+  # Counted on the microbatch one forward pass sees (per-call work is spread over its tokens).
+  micro = cfg.data.batch_size // cfg.train.grad_accum_steps
+  counted = model_flops(model_cfg, batch_size=micro, seq_len=cfg.data.seq_len)
   # Drop the first window (it absorbs first-call overheads) when there are enough.
   timed = step_seconds[1:] if len(step_seconds) > 2 else step_seconds
   return metrics_lib.build_report(
     params_total=n_params,
     params_trainable=n_params,
     params_active_per_token=n_active,
-    analytic_flops_per_token=analytic,
+    model_flops=counted,
     compiled=compiled,
     tokens_per_step=tokens_per_step,
     steps_timed=len(timed),

@@ -23,7 +23,7 @@ FILES = sorted(
 def test_every_arm_of_every_task_builds(path, arg):
   ablation = ablate._load_module(path).get_ablation(arg)
   assert ablation["arms"] and ablation["tasks"]
-  assert ablation.get("cost", "xla_flops_per_token") in ablate.COSTS
+  assert ablation.get("cost", "flops_per_token") in ablate.COSTS
   for task in ablation["tasks"].values():
     for arm, overrides in ablation["arms"].items():
       cfg = ablate.load_task_config(os.path.join(REPO, task["config"]))

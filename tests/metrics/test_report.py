@@ -24,6 +24,15 @@ SECTIONS = (
 )
 
 
+MODEL_FLOPS = {
+  "forward_per_token": 1000.0,
+  "train_per_token": 3000.0,
+  "matmul_params": 400,
+  "source": "counted",
+  "uncounted": [],
+}
+
+
 def _compiled():
   f = jax.jit(lambda a: jnp.tanh(a @ a))
   return f.lower(jnp.ones((32, 32))).compile()
@@ -34,7 +43,7 @@ def _report(**overrides):
     params_total=1_000_000,
     params_trainable=900_000,
     params_active_per_token=500,
-    analytic_flops_per_token={"forward": 1000.0, "train": 3000.0},
+    model_flops=MODEL_FLOPS,
     compiled=_compiled(),
     tokens_per_step=1024,
     steps_timed=4,
@@ -60,7 +69,12 @@ def test_defaults():
 def test_arithmetic():
   r = _report()
   assert tuple(r) == SECTIONS
-  assert r["params"] == {"total": 1_000_000, "trainable": 900_000, "active_per_token": 500}
+  assert r["params"] == {
+    "total": 1_000_000,
+    "trainable": 900_000,
+    "active_per_token": 500,
+    "matmul_per_token": 400,
+  }
   # 1.8 MJ = 0.5 kWh over 2 h of wall time.
   assert r["energy"]["kwh"] == 0.5
   assert r["energy"]["source"] == "rapl" and r["energy"]["is_estimate"] is False
@@ -74,7 +88,10 @@ def test_arithmetic():
   assert r["mfu"]["achieved_flops_per_s"] == 3000.0 * 2048
   assert r["mfu"]["peak_flops_per_s"] == 1e7
   assert r["mfu"]["mfu"] == 3000.0 * 2048 / 1e7
-  assert r["flops"]["six_n_train_per_token"] == 3000.0
+  assert r["mfu"]["flops_source"] == "counted"
+  assert r["flops"]["train_per_token"] == 3000.0 and r["flops"]["forward_per_token"] == 1000.0
+  # 6·N over the matmul parameters, not the active ones (which include the embedding table).
+  assert r["flops"]["six_n_train_per_token"] == 6 * 400
   xla = flops.xla_cost(_compiled())["flops"]
   assert r["flops"]["xla_flops_per_step"] == xla
   assert r["flops"]["xla_flops_per_token"] == xla / 1024
@@ -89,7 +106,7 @@ def test_missing_inputs_give_none():
     params_total=None,
     params_trainable=None,
     params_active_per_token=None,
-    analytic_flops_per_token=None,
+    model_flops=None,
     compiled=None,
     tokens_per_step=None,
     steps_timed=None,
@@ -101,7 +118,8 @@ def test_missing_inputs_give_none():
     cfg=None,
   )
   assert tuple(r) == SECTIONS
-  assert r["mfu"]["mfu"] is None
+  assert r["mfu"]["mfu"] is None and r["mfu"]["flops_source"] is None
+  assert r["flops"]["six_n_train_per_token"] is None
   assert r["cost"]["usd"] is None and r["carbon"]["g_co2e"] is None
   assert r["memory"]["peak_bytes"] is None
   assert r["time"]["step_median_s"] is None
@@ -131,3 +149,14 @@ def test_write_report_round_trip_nan_to_null(tmp_path):
   assert loaded["params"] == r["params"]
   assert "NaN" not in text and "Infinity" not in text
   assert list(loaded) == sorted(loaded)
+
+
+def test_mfu_labels_its_flops_source():
+  incomplete = _report(model_flops={**MODEL_FLOPS, "uncounted": ["while (body counted once)"]})
+  assert incomplete["mfu"]["flops_source"] == "counted (incomplete: while (body counted once))"
+  # Without a model count, MFU falls back to XLA's count of the step, labelled as an undercount.
+  fallback = _report(model_flops=None)
+  xla = flops.xla_cost(_compiled())["flops"]
+  assert fallback["mfu"]["achieved_flops_per_s"] == xla / 1024 * 2048
+  assert fallback["mfu"]["flops_source"] == report.XLA_SOURCE
+  assert "once" in report.XLA_SOURCE

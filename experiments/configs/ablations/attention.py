@@ -45,4 +45,4 @@ def get_ablation(arg: str | None = None) -> dict:
     arms = {k: arms[k] for k in ("dense", "sliding_window_16")}
   elif arg is not None:
     raise ValueError(f"attention ablation argument {arg!r} is not known; use smoke or nothing")
-  return {"tasks": tasks, "arms": arms, "cost": "xla_flops_per_token"}
+  return {"tasks": tasks, "arms": arms, "cost": "flops_per_token"}

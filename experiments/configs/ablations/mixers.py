@@ -53,4 +53,4 @@ def get_ablation(arg: str | None = None) -> dict:
     tasks["shakespeare"]["arm_overrides"] = {"moe_top2": _moe_half_width(ARMS["moe_top2"], 128)}
   if arg == "smoke":
     arms = {k: arms[k] for k in ("transformer", "mamba")}
-  return {"tasks": tasks, "arms": arms, "cost": "xla_flops_per_token"}
+  return {"tasks": tasks, "arms": arms, "cost": "flops_per_token"}
