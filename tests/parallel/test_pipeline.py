@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from reslm.models import build_model
+from reslm.parallel import comm
 from reslm.parallel import pipeline as pl
 from reslm.parallel import rules as rules_lib
 from tests.parallel import common
@@ -89,8 +90,16 @@ def test_decoder_forward_equals_model(schedule, four_layers):
   )
   loss = functools.partial(_loss, graphdef, tokens, forward)
   piped = jax.jit(rules_lib.with_rules(jax.grad(loss, has_aux=True), place.mesh, place.rules))
-  grads, logits = piped(jax.device_put(params, place.state.params))
+  placed = jax.device_put(params, place.state.params)
+  compiled = piped.lower(placed).compile()
+  grads, logits = compiled(placed)
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
+  # The pipeline really runs: each of the r·M + p − 1 steps passes a microbatch's activations
+  # [16 / 4 data / 4 microbatches, seq, d] to the next stage, forward and (transposed) backward.
+  steps = (2 if schedule == "circular" else 1) * 4 + 2 - 1
+  act_bytes = 16 // 4 // 4 * tokens.shape[1] * cfg.d_model * 4
+  ops = [op for op in comm.parse_hlo(compiled.as_text()) if op.kind == "collective-permute"]
+  assert [(op.count, op.bytes) for op in ops] == [(steps, act_bytes)] * 2
   scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
   jax.tree.map(
     lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * scale), grads, ref_grads

@@ -165,6 +165,22 @@ def test_sequence_parallel_splits_the_residual_stream(runs):
   assert not [op for op in baseline if op.bytes == act_bytes]
 
 
+def test_pipeline_sends_activations_stage_to_stage(runs):
+  """Every schedule step hands each microbatch's activations [rows / M, seq, d] to the next stage
+  (one collective-permute forward, its transpose backward), r·M + p − 1 steps per pass (GPipe:
+  r = 1). Without this the equality test above would pass with the pipeline switched off."""
+  laps = common.mesh_lib.get_default_config().pipeline_repeats
+  for name in ("dp_pp", "dp_pp_circular"):
+    _, sizes, settings, _ = STRATEGIES[name]
+    p, rows = sizes["pipeline"], common.BATCH // sizes["data"]
+    m = settings.get("pipeline_microbatches") or p  # 0 (default): one per stage
+    circular = settings.get("pipeline_schedule") == "circular"
+    r = settings.get("pipeline_repeats", laps) if circular else 1
+    act_bytes = rows // m * common.SEQ * common.MODEL.d_model * 4
+    ops = [op for op in comm.parse_hlo(runs(name)[2]) if op.kind == "collective-permute"]
+    assert [(op.count, op.bytes) for op in ops] == [(r * m + p - 1, act_bytes)] * 2, name
+
+
 def test_expert_parallel_exchanges_tokens_all_to_all(runs):
   """Per MoE layer, forward: dispatch and return all-to-alls of the [experts, capacity, d]
   buffers; backward: their transposes. No drops at this capacity, so the sizes are exact."""
