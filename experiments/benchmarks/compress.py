@@ -110,6 +110,7 @@ ROWS = (
   Row("asvd_p60", "prune:asvd_p60"),
   Row("asvd_uniform_p60", "prune:asvd_uniform_p60"),
   Row("sparsegpt_2_4_int8", "prune:sparsegpt_2_4_int8"),
+  Row("sparsegpt_2_4_gptq4", "prune:sparsegpt_2_4_gptq4"),
   Row("heads25", "structured:heads25"),
   Row("neurons25", "structured:neurons25"),
   Row("heads25_neurons25", "structured:heads25_neurons25"),

@@ -18,6 +18,7 @@ EXPECTED = {
   "sparsegpt50": {"sparsegpt"},
   "wanda_2_4": {"wanda"},
   "sparsegpt_2_4_int8": {"sparsegpt", "int8"},
+  "sparsegpt_2_4_gptq4": {"sparsegpt", "gptq"},
   "svd_energy90": {"svd"},
   "svd_p60": {"svd"},
   "svd_llm_p60": {"svd_llm"},

@@ -11,6 +11,7 @@ Variants (every projection but the output head; embeddings are never selected):
   sparsegpt50         50% SparseGPT (OBS updates, blocks of 128)
   wanda_2_4           2:4 Wanda
   sparsegpt_2_4_int8  2:4 SparseGPT, then int8 round-to-nearest (prune -> quantize)
+  sparsegpt_2_4_gptq4 2:4 SparseGPT, then GPTQ int4 in groups of 64 (keeps the pruned zeros)
   svd_energy90        truncated SVD keeping 90% of each layer's spectral energy
   svd_p60             truncated SVD, every layer at 60% of its parameters
   svd_llm_p60         SVD-LLM whitening (Cholesky of the inputs' XᵀX), 60% per layer
@@ -30,6 +31,7 @@ VARIANTS = (
   "sparsegpt50",
   "wanda_2_4",
   "sparsegpt_2_4_int8",
+  "sparsegpt_2_4_gptq4",
   "svd_energy90",
   "svd_p60",
   "svd_llm_p60",
@@ -50,6 +52,7 @@ def _rules(variant: str) -> list[dict]:
     "sparsegpt50": ("sparsegpt", {"sparsity": 0.5}),
     "wanda_2_4": ("wanda", {"n_m": "2:4"}),
     "sparsegpt_2_4_int8": ("sparsegpt", {"n_m": "2:4"}),
+    "sparsegpt_2_4_gptq4": ("sparsegpt", {"n_m": "2:4"}),
     "svd_energy90": ("svd", {"energy": 0.9}),
     "svd_p60": ("svd", {"param_fraction": 0.6}),
     "svd_llm_p60": ("svd_llm", {"param_fraction": 0.6}),
@@ -60,6 +63,8 @@ def _rules(variant: str) -> list[dict]:
   rules = [{"path": ALL, "method": method, "settings": settings}]
   if variant == "sparsegpt_2_4_int8":
     rules.append({"path": ALL, "method": "int8"})
+  if variant == "sparsegpt_2_4_gptq4":
+    rules.append({"path": ALL, "method": "gptq", "settings": {"bits": 4, "group_size": 64}})
   return rules
 
 
