@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reslm.models.attention.base import mixer_options
 from reslm.models.linear import Linear
 from reslm.models.longconv import (
   SHORT_CONV,
@@ -39,7 +38,15 @@ from reslm.models.longconv import (
   direct_causal_conv,
   kernel_layout,
 )
-from reslm.models.registry import MIXERS, check_int, check_option, is_int, is_number, layer_kwargs
+from reslm.models.registry import (
+  MIXERS,
+  check_int,
+  check_option,
+  is_int,
+  is_number,
+  layer_kwargs,
+  mixer_options,
+)
 from reslm.models.sharding import param
 
 DEFAULTS = {"order": 2, "filter_hidden": 64, "emb_dim": 17, "filter_freq": 1.0}

@@ -37,10 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from reslm.models.attention.base import mixer_options
-from reslm.models.attention.linear import from_chunks, to_chunks
+from reslm.models.chunks import from_chunks, to_chunks
 from reslm.models.linear import Linear, fused_linear
-from reslm.models.registry import MIXERS, check_int, check_option, is_number, layer_kwargs
+from reslm.models.registry import (
+  MIXERS,
+  check_int,
+  check_option,
+  is_number,
+  layer_kwargs,
+  mixer_options,
+)
 from reslm.models.sharding import param
 
 DEFAULTS = {

@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from reslm.models.attention.base import mixer_options
 from reslm.models.longconv import (
   SHORT_CONV,
   LongConvMixer,
@@ -45,7 +44,7 @@ from reslm.models.longconv import (
   direct_causal_conv,
   kernel_layout,
 )
-from reslm.models.registry import MIXERS, check_option, is_int, layer_kwargs
+from reslm.models.registry import MIXERS, check_option, is_int, layer_kwargs, mixer_options
 from reslm.models.sharding import param
 
 DEFAULTS = {"nblocks": 4}

@@ -6,8 +6,12 @@ receives the model config and returns a module built from plain arguments; the m
 sees the config, so it stays importable on its own.
 """
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
+
+# A layer's error that starts with one of its arguments: "chunk_size=0 is not allowed ...".
+_ARGUMENT = re.compile(r"([A-Za-z_]\w*)=")
 
 
 class Registry:
@@ -16,11 +20,13 @@ class Registry:
   Attributes:
     kind: What the entries are, for error messages (e.g. "sequence mixer").
     setting: The config setting that selects an entry (e.g. "model.mixer").
+    options: The model-config field holding the entries' settings (e.g. "mixer_options"), or None.
   """
 
-  def __init__(self, kind: str, setting: str):
+  def __init__(self, kind: str, setting: str, options: str | None = None):
     self.kind = kind
     self.setting = setting
+    self.options = options
     self._entries: dict[str, Callable[..., Any]] = {}
 
   def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -38,6 +44,34 @@ class Registry:
     """Returns the builder for `name`; an unknown name raises a one-line ValueError."""
     self.check(name)
     return self._entries[name]
+
+  def build(self, name: str, cfg, **kwargs) -> Any:
+    """Builds entry `name` from the model config; layer errors gain their config path.
+
+    A layer names its own arguments in errors (`chunk_size=0 is not allowed ...`), so it reads
+    right to someone using the layer alone. Built from a config, the same message is prefixed
+    with where that argument is set: `model.<field>` for a model setting, else the options table
+    (`model.mixer_options[.<name>].`).
+    """
+    try:
+      return self.get(name)(cfg, **kwargs)
+    except ValueError as e:
+      raise ValueError(self._config_path(str(e), cfg, name)) from None
+
+  def _config_path(self, message: str, cfg, name: str) -> str:
+    match = _ARGUMENT.match(message)
+    if match is None:
+      return message
+    key = match[1]
+    table = thaw_options(getattr(cfg, self.options)) if self.options else {}
+    own = table.get(name)
+    if isinstance(own, Mapping) and key in own:
+      return f"model.{self.options}.{name}.{message}"
+    if key in table or (self.options and not hasattr(cfg, key)):
+      return f"model.{self.options}.{message}"
+    if hasattr(cfg, key):
+      return f"model.{message}"
+    return message
 
   def check(self, name: str) -> None:
     if name not in self._entries:
@@ -63,21 +97,21 @@ def is_number(value) -> bool:
   return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def check_option(
-  module: str, name: str, value, ok: bool, allowed: str, *, setting: str = "model.mixer_options"
-) -> None:
-  """Unless `ok`, raises a one-line ValueError naming the setting, the bad value and what is allowed.
+def check_option(module: str, name: str, value, ok: bool, allowed: str) -> None:
+  """Unless `ok`, raises a one-line ValueError naming the argument, the bad value and what is allowed.
+
+  The message names the layer's own argument (`chunk_size=0 ...`); `Registry.build` adds the
+  config path (`model.mixer_options.`) when the layer is built from a config.
 
   Args:
     module: The registered name of the module, e.g. "mamba".
-    name: The option's key.
+    name: The argument's name (the option's key).
     value: The value given.
     ok: Whether the value is acceptable.
     allowed: What is allowed, e.g. "an integer >= 1".
-    setting: The config path of the options table.
   """
   if not ok:
-    raise ValueError(f"{setting}.{name}={value!r} is not allowed for {module}: {allowed}")
+    raise ValueError(f"{name}={value!r} is not allowed for {module}: {allowed}")
 
 
 def check_int(module: str, name: str, value, low: int, allowed: str = "") -> int:
@@ -87,8 +121,8 @@ def check_int(module: str, name: str, value, low: int, allowed: str = "") -> int
 
 
 # Builders have the signature `(cfg: ModelConfig, *, causal: bool, rngs: nnx.Rngs) -> nnx.Module`.
-MIXERS = Registry("sequence mixer", "model.mixer")
-MLPS = Registry("MLP", "model.mlp")
+MIXERS = Registry("sequence mixer", "model.mixer", options="mixer_options")
+MLPS = Registry("MLP", "model.mlp", options="mlp_options")
 NORMS = Registry("normalisation", "model.norm")
 
 
@@ -161,3 +195,13 @@ def module_options(
         f"{', '.join(sorted(defaults)) or '(none)'}" + (hint if is_flat else "")
       )
   return {**defaults, **flat, **own}
+
+
+def mixer_options(cfg, name: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
+  """A mixer's settings from `model.mixer_options` (flat or namespaced by name), with defaults.
+
+  See `module_options`; unknown keys raise a one-line ValueError.
+  """
+  return module_options(
+    cfg.mixer_options, name, defaults, setting="model.mixer_options", registry=MIXERS
+  )

@@ -47,10 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from reslm.models.attention.base import mixer_options
-from reslm.models.attention.linear import from_chunks, to_chunks
+from reslm.models.chunks import from_chunks, to_chunks
 from reslm.models.linear import Linear, ProjectOut
-from reslm.models.registry import MIXERS, MLPS, check_int, layer_kwargs
+from reslm.models.registry import MIXERS, MLPS, check_int, layer_kwargs, mixer_options
 from reslm.models.sharding import param
 
 DEFAULTS = {"chunk_size": 32, "mix_lora": 32, "decay_lora": 64}
@@ -154,8 +153,8 @@ class RWKV6TimeMix(nnx.Module):
       check_int("rwkv", name, value, 1)
     if num_heads * head_dim != d_model:
       raise ValueError(
-        f"rwkv needs model.d_model == num_heads * head_dim; got d_model={d_model}, "
-        f"num_heads={num_heads}, head_dim={head_dim} (leave model.head_dim at 0)"
+        f"rwkv needs d_model == num_heads * head_dim; got d_model={d_model}, "
+        f"num_heads={num_heads}, head_dim={head_dim} (leave head_dim at d_model // num_heads)"
       )
     self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
     self.chunk_size = chunk_size

@@ -93,10 +93,10 @@ def build_block(
 ) -> Block:
   """Assembles one block from the registries (MLP `mlp`, default cfg.mlp)."""
   return Block(
-    mixer=MIXERS.get(mixer)(cfg, causal=causal, rngs=rngs),
-    mlp=MLPS.get(mlp or cfg.mlp)(cfg, rngs=rngs),
-    norm1=NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs),
-    norm2=NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs),
+    mixer=MIXERS.build(mixer, cfg, causal=causal, rngs=rngs),
+    mlp=MLPS.build(mlp or cfg.mlp, cfg, rngs=rngs),
+    norm1=NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs),
+    norm2=NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs),
   )
 
 
@@ -231,7 +231,7 @@ class DecoderLM(nnx.Module):
       rngs=rngs,
     )
     self.layers = LayerStack(cfg, causal=True, rngs=rngs)
-    self.final_norm = NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs)
+    self.final_norm = NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs)
     self.lm_head = (
       None
       if cfg.tie_embeddings
@@ -310,11 +310,11 @@ class EncoderLM(nnx.Module):
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
     self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, **kw)
     self.layers = LayerStack(cfg, causal=False, rngs=rngs)
-    self.final_norm = NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs)
+    self.final_norm = NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs)
     self.head_dense = Linear(
       cfg.d_model, cfg.d_model, axes=("embed", "embed"), use_bias=True, init_std=cfg.init_std, **kw
     )
-    self.head_norm = NORMS.get(cfg.norm)(cfg, dim=cfg.d_model, rngs=rngs)
+    self.head_norm = NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs)
     self.decoder = (
       None
       if cfg.tie_embeddings

@@ -62,7 +62,7 @@ def _core_fn(name: str, t: int):
     mixer=name,
     mixer_options=OPTIONS.get(name, {}),
   )
-  layer = MIXERS.get(name)(cfg, causal=True, rngs=nnx.Rngs(0))
+  layer = MIXERS.build(name, cfg, causal=True, rngs=nnx.Rngs(0))
   mix = None if FLAGS.whole_layer else getattr(layer, "mix", None)
   if mix is None:  # Not an `Attention` shell: measure the whole layer on its input.
 

@@ -103,7 +103,7 @@ def measure(mlp: str, options: dict) -> dict:
     return jnp.mean(ce) + out.aux_loss
 
   fwd_bwd = jax.value_and_grad(loss)
-  layer = MLPS.get(mlp)(cfg, rngs=nnx.Rngs(0))
+  layer = MLPS.build(mlp, cfg, rngs=nnx.Rngs(0))
   layer_def, layer_params = nnx.split(layer, nnx.Param)
   x = jnp.zeros((FLAGS.batch, FLAGS.seq_len, cfg.d_model), cfg.compute_dtype)
 

@@ -19,6 +19,7 @@ import functools
 import jax
 from jax.ad_checkpoint import checkpoint_name
 
+from reslm.kernels_pallas import base
 from reslm.kernels_pallas.flash_attention import tpu
 from reslm.kernels_pallas.flash_attention.config import BlockSizes, FlashConfig, make_config
 from reslm.kernels_pallas.flash_attention.reference import reference
@@ -106,19 +107,20 @@ def _reference_backward(cfg: FlashConfig, q, k, v, q_seg, kv_seg, out, lse, d_ou
 def _dispatch(cfg: FlashConfig, which: str, *args):
   """Calls `which` ("forward" or "backward") of the configured backend."""
   ref = _reference_forward if which == "forward" else _reference_backward
-  if cfg.implementation == "reference":
-    return ref(cfg, *args)
-  if cfg.implementation == "tpu":
-    return getattr(tpu, which)(cfg, *args)
-  if cfg.implementation == "gpu":
-    return getattr(_gpu(), which)(cfg, *args)
-  # The GPU kernel takes bfloat16 only; other dtypes run the reference on CUDA too.
-  cuda = getattr(_gpu(), which) if _gpu().supports(cfg) else ref
-  return jax.lax.platform_dependent(
-    *args,
-    tpu=functools.partial(getattr(tpu, which), cfg),
-    cuda=functools.partial(cuda, cfg),
-    default=functools.partial(ref, cfg),
+
+  def gpu():
+    return base.bind(getattr(_gpu(), which), cfg)
+
+  def cuda_auto():  # The GPU kernel takes bfloat16 only; other dtypes run the reference on CUDA.
+    return gpu() if _gpu().supports(cfg) else base.bind(ref, cfg)
+
+  return base.dispatch(
+    cfg.implementation,
+    args,
+    reference=base.bind(ref, cfg),
+    tpu=base.bind(getattr(tpu, which), cfg),
+    gpu=gpu,
+    cuda_auto=cuda_auto,
   )
 
 

@@ -13,15 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ("auto", "reference", "tpu", "gpu")
+from reslm.kernels_pallas import base
+from reslm.kernels_pallas.base import LANES, round_up
+
 DTYPES = ("float32", "bfloat16")
 # Finite, so a fully masked block gives exp(0) = 1 instead of NaN; such rows are zeroed at the end.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-LANES = 128  # TPU vector lanes: the TPU kernels keep per-row statistics lane-replicated.
 
 
 def _error(message: str) -> ValueError:
-  return ValueError(f"flash_attention: {message}")
+  return base.error("flash_attention", message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +45,7 @@ class BlockSizes:
   heads_per_block: int | None = None
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise _error(
-          f"block_sizes.{field.name}={value!r} is not allowed; use a positive int or None"
-        )
+    base.check_block_sizes("flash_attention", self)
 
 
 # Defaults, not tuned on hardware (none was available). TPU: kv tiles a multiple of the 128 lanes,
@@ -99,10 +95,6 @@ class FlashConfig:
     return self.num_heads // self.num_kv_heads
 
 
-def round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 def _check_int_ids(name: str, ids, shape) -> jax.Array:
   if not hasattr(ids, "shape") or tuple(ids.shape) != tuple(shape):
     got = getattr(ids, "shape", type(ids).__name__)
@@ -120,8 +112,7 @@ def make_config(
   Returns:
     (config, q_segment_ids or None, kv_segment_ids or None), segment ids as int32 [batch, seq].
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise _error(f"implementation={implementation!r} is not known; use one of {IMPLEMENTATIONS}")
+  base.check_implementation("flash_attention", implementation)
   for name, x in (("q", q), ("k", k), ("v", v)):
     if getattr(x, "ndim", None) != 4:
       raise _error(

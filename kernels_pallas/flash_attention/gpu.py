@@ -35,11 +35,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from reslm.kernels_pallas.base import round_up
 from reslm.kernels_pallas.flash_attention.config import (
   MASK_VALUE,
   FlashConfig,
   gpu_blocks,
-  round_up,
 )
 
 _F32 = jnp.float32

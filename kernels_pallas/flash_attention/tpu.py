@@ -37,12 +37,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from reslm.kernels_pallas.base import LANES, round_up
 from reslm.kernels_pallas.flash_attention.config import (
-  LANES,
   MASK_VALUE,
   FlashConfig,
   TpuBlocks,
-  round_up,
   tpu_blocks,
 )
 

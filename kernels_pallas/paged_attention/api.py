@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from reslm.kernels_pallas import base
 from reslm.kernels_pallas.paged_attention import reference, tpu
 from reslm.kernels_pallas.paged_attention.config import (
   BlockSizes,
@@ -95,28 +96,14 @@ def _reference(cfg: PagedConfig, q, k_pages, v_pages, lengths, tables, k_scale, 
 
 
 def _dispatch(cfg: PagedConfig, *args):
-  if cfg.implementation == "reference":
-    return _reference(cfg, *args)
-  if cfg.implementation == "tpu":
-    return tpu.paged_attention(cfg, *args)
-  if cfg.implementation == "gpu":
-    return _gpu().paged_attention(cfg, *args)
-  present = [i for i, a in enumerate(args) if a is not None]
-
-  def branch(fn):
-    def call(*arrays):
-      full = list(args)
-      for i, a in zip(present, arrays, strict=True):
-        full[i] = a
-      return fn(cfg, *full)
-
-    return call
-
-  on_tpu = _reference if tpu_unsupported(cfg) else tpu.paged_attention
-  cuda = _reference if gpu_unsupported(cfg) else _gpu().paged_attention
-  return lax.platform_dependent(
-    *[args[i] for i in present],
-    tpu=branch(on_tpu),
-    cuda=branch(cuda),
-    default=branch(_reference),
+  reference = base.bind(_reference, cfg)
+  return base.dispatch(
+    cfg.implementation,
+    args,
+    reference=reference,
+    tpu=base.bind(tpu.paged_attention, cfg),
+    gpu=lambda: base.bind(_gpu().paged_attention, cfg),
+    # Under "auto", a call a kernel cannot take runs the reference on that platform.
+    tpu_auto=reference if tpu_unsupported(cfg) else None,
+    cuda_auto=(lambda: reference) if gpu_unsupported(cfg) else None,
   )

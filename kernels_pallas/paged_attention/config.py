@@ -11,16 +11,16 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ("auto", "reference", "tpu", "gpu")
+from reslm.kernels_pallas import base
+
 DTYPES = ("float32", "bfloat16")
 # Finite, so a fully masked block gives exp(0) = 1 instead of NaN.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-LANES = 128
 TPU_SUBLANES = {"float32": 8, "bfloat16": 16, "int8": 32}  # Row tiling of one page per dtype.
 
 
 def error(message: str) -> ValueError:
-  return ValueError(f"paged_attention: {message}")
+  return base.error("paged_attention", message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +36,7 @@ class BlockSizes:
   pages_per_block: int | None = None
 
   def __post_init__(self):
-    value = self.pages_per_block
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-      raise error(
-        f"block_sizes.pages_per_block={value!r} is not allowed; use a positive int or None"
-      )
+    base.check_block_sizes("paged_attention", self)
 
 
 TPU_TOKENS_PER_BLOCK = 512  # Not tuned on hardware (none was available).
@@ -99,8 +95,7 @@ def make_config(
   implementation, interpret,
 ) -> PagedConfig:  # fmt: skip
   """Checks the arguments of `api.paged_attention`."""
-  if implementation not in IMPLEMENTATIONS:
-    raise error(f"implementation={implementation!r} is not known; use one of {IMPLEMENTATIONS}")
+  base.check_implementation("paged_attention", implementation)
   if block_sizes is None:
     block_sizes = BlockSizes()
   if not isinstance(block_sizes, BlockSizes):

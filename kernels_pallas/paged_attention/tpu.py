@@ -25,8 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from reslm.kernels_pallas.base import LANES
 from reslm.kernels_pallas.paged_attention.config import (
-  LANES,
   MASK_VALUE,
   PagedConfig,
   error,

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from reslm.kernels_pallas import base
 from reslm.kernels_pallas.quant_matmul import reference, tpu
 from reslm.kernels_pallas.quant_matmul.config import (
   BlockSizes,
@@ -181,29 +182,12 @@ def _reference_matmul_dx(cfg: QuantConfig, g, w, scales):
 def _dispatch(cfg: QuantConfig, which: str, *args):
   """Calls `which` ("matmul" or "matmul_dx") of the configured backend."""
   ref = _reference_matmul if which == "matmul" else _reference_matmul_dx
-  if cfg.implementation == "reference":
-    return ref(cfg, *args)
-  if cfg.implementation == "tpu":
-    return getattr(tpu, which)(cfg, *args)
-  if cfg.implementation == "gpu":
-    return getattr(_gpu(), which)(cfg, *args)
-  # platform_dependent passes arrays only: close over the optional (None) operands.
-  present = [i for i, a in enumerate(args) if a is not None]
-
-  def branch(fn):
-    def call(*arrays):
-      full = list(args)
-      for i, a in zip(present, arrays, strict=True):
-        full[i] = a
-      return fn(cfg, *full)
-
-    return call
-
-  return lax.platform_dependent(
-    *[args[i] for i in present],
-    tpu=branch(getattr(tpu, which)),
-    cuda=branch(getattr(_gpu(), which)),
-    default=branch(ref),
+  return base.dispatch(
+    cfg.implementation,
+    args,
+    reference=base.bind(ref, cfg),
+    tpu=base.bind(getattr(tpu, which), cfg),
+    gpu=lambda: base.bind(getattr(_gpu(), which), cfg),
   )
 
 

@@ -11,18 +11,18 @@ import math
 
 import jax.numpy as jnp
 
+from reslm.kernels_pallas import base
+from reslm.kernels_pallas.base import LANES
 from reslm.kernels_pallas.quant_matmul.packing import GROUP_SIZES
 
 KINDS = ("int8", "int4", "int8_int8")
-IMPLEMENTATIONS = ("auto", "reference", "tpu", "gpu")
 X_DTYPES = ("float32", "bfloat16")
 OUT_DTYPES = ("float32", "bfloat16")
-LANES = 128
 TPU_ROWS = 32  # Sublane tiling of int8 rows (float32 8, bfloat16 16): one rule for every operand.
 
 
 def error(message: str) -> ValueError:
-  return ValueError(f"quant_matmul: {message}")
+  return base.error("quant_matmul", message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +40,7 @@ class BlockSizes:
   block_k: int | None = None
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise error(
-          f"block_sizes.{field.name}={value!r} is not allowed; use a positive int or None"
-        )
+    base.check_block_sizes("quant_matmul", self)
 
 
 # Not tuned on hardware (none was available). TPU: lane-dense 256-wide output tiles (v6e MXU) and a
@@ -111,8 +106,7 @@ def make_config(
   kind, x, w, scales, *, group_size, out_dtype, block_sizes, implementation, interpret, x_scale=None
 ) -> QuantConfig:
   """Checks the arguments of one public call (`api.py`) and returns its static description."""
-  if implementation not in IMPLEMENTATIONS:
-    raise error(f"implementation={implementation!r} is not known; use one of {IMPLEMENTATIONS}")
+  base.check_implementation("quant_matmul", implementation)
   if block_sizes is None:
     block_sizes = BlockSizes()
   if not isinstance(block_sizes, BlockSizes):
@@ -160,10 +154,6 @@ def make_config(
   )  # fmt: skip
 
 
-def round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 @dataclasses.dataclass(frozen=True)
 class Tiles:
   """Checked tile sizes and the dims padded to them (padding is a slow path for the weights)."""
@@ -176,39 +166,19 @@ class Tiles:
   k: int
 
 
-def _tpu_dim(name, dim, user, default, multiple):
-  """(block, padded dim): a full-dim block if it covers dim, else a multiple of `multiple`; the
-  default tile shrinks to a divisor of dim when one exists, so weights need no padding."""
-  if user is not None:
-    if user >= dim:
-      return dim, dim
-    if user % multiple:
-      raise error(
-        f"block_sizes.{name}={user} is not allowed for the TPU kernel; use a multiple of "
-        f"{multiple} or a size >= the dim ({dim})"
-      )
-    return user, round_up(dim, user)
-  if default >= dim:
-    return dim, dim
-  for block in range(default, multiple - 1, -multiple):
-    if dim % block == 0:
-      return block, dim
-  return default, round_up(dim, default)
-
-
 def tpu_tiles(cfg: QuantConfig) -> Tiles:
   """Mosaic tiles: rows a multiple of 32 (int8 sublane tiling), lanes a multiple of 128; packed
   int4 K tiles hold 2 x 128 lanes and whole groups; a dim smaller than a tile is one full tile."""
   user = cfg.block_sizes
-  bm, m = _tpu_dim("block_m", cfg.m, user.block_m, TPU_DEFAULTS.block_m, TPU_ROWS)
-  bn, n = _tpu_dim("block_n", cfg.n, user.block_n, TPU_DEFAULTS.block_n, LANES)
+  bm, m = base.tpu_dim(
+    "quant_matmul", "block_m", cfg.m, user.block_m, TPU_DEFAULTS.block_m, TPU_ROWS
+  )
+  bn, n = base.tpu_dim("quant_matmul", "block_n", cfg.n, user.block_n, TPU_DEFAULTS.block_n, LANES)
   k_multiple = 2 * LANES if cfg.kind == "int4" else LANES
-  bk, k = _tpu_dim("block_k", cfg.k, user.block_k, TPU_DEFAULTS.block_k, k_multiple)
+  bk, k = base.tpu_dim(
+    "quant_matmul", "block_k", cfg.k, user.block_k, TPU_DEFAULTS.block_k, k_multiple
+  )
   return Tiles(bm, bn, bk, m, n, k)
-
-
-def _pow2(x: int) -> int:
-  return 1 << max(0, (x - 1).bit_length())
 
 
 def gpu_tiles(cfg: QuantConfig) -> Tiles:
@@ -217,14 +187,12 @@ def gpu_tiles(cfg: QuantConfig) -> Tiles:
   user = cfg.block_sizes
   sizes = {}
   for name, dim in (("block_m", cfg.m), ("block_n", cfg.n), ("block_k", cfg.k)):
-    value = getattr(user, name)
-    if value is not None and (value < 16 or value & (value - 1)):
-      raise error(
-        f"block_sizes.{name}={value} is not allowed for the GPU kernel; use a power of two >= 16"
-      )
-    value = getattr(GPU_DEFAULTS, name) if value is None else value
-    sizes[name] = min(value, max(16, _pow2(dim)))
+    sizes[name] = base.gpu_dim(
+      "quant_matmul", name, dim, getattr(user, name), getattr(GPU_DEFAULTS, name)
+    )
   if cfg.kind == "int4":
     sizes["block_k"] = max(sizes["block_k"], cfg.group_size)
   bm, bn, bk = sizes["block_m"], sizes["block_n"], sizes["block_k"]
-  return Tiles(bm, bn, bk, round_up(cfg.m, bm), round_up(cfg.n, bn), round_up(cfg.k, bk))
+  return Tiles(
+    bm, bn, bk, base.round_up(cfg.m, bm), base.round_up(cfg.n, bn), base.round_up(cfg.k, bk)
+  )

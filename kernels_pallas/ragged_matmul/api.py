@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from reslm.kernels_pallas import base
 from reslm.kernels_pallas.ragged_matmul import reference, tpu
 from reslm.kernels_pallas.ragged_matmul.config import (
   BlockSizes,
@@ -82,17 +83,12 @@ def _reference_backward(cfg: RaggedConfig, lhs, rhs, group_sizes, d_out):
 def _dispatch(cfg: RaggedConfig, which: str, *args):
   """Calls `which` ("forward" or "backward") of the configured backend."""
   ref = _reference_forward if which == "forward" else _reference_backward
-  if cfg.implementation == "reference":
-    return ref(cfg, *args)
-  if cfg.implementation == "tpu":
-    return getattr(tpu, which)(cfg, *args)
-  if cfg.implementation == "gpu":
-    return getattr(_gpu(), which)(cfg, *args)
-  return lax.platform_dependent(
-    *args,
-    tpu=functools.partial(getattr(tpu, which), cfg),
-    cuda=functools.partial(getattr(_gpu(), which), cfg),
-    default=functools.partial(ref, cfg),
+  return base.dispatch(
+    cfg.implementation,
+    args,
+    reference=base.bind(ref, cfg),
+    tpu=base.bind(getattr(tpu, which), cfg),
+    gpu=lambda: base.bind(getattr(_gpu(), which), cfg),
   )
 
 

@@ -7,14 +7,15 @@ ValueError naming the argument, the bad value and what is allowed, before anythi
 
 import dataclasses
 
-IMPLEMENTATIONS = ("auto", "reference", "tpu", "gpu")
+from reslm.kernels_pallas import base
+from reslm.kernels_pallas.base import LANES
+
 DTYPES = ("float32", "bfloat16")
-LANES = 128
 TPU_ROWS = 16  # Sublane tiling of bfloat16 rows (float32 needs 8): one rule for both dtypes.
 
 
 def error(message: str) -> ValueError:
-  return ValueError(f"ragged_matmul: {message}")
+  return base.error("ragged_matmul", message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +34,7 @@ class BlockSizes:
   block_n: int | None = None
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise error(
-          f"block_sizes.{field.name}={value!r} is not allowed; use a positive int or None"
-        )
+    base.check_block_sizes("ragged_matmul", self)
 
 
 # Not tuned on hardware (none was available).
@@ -73,8 +69,7 @@ class RaggedConfig:
 
 def make_config(lhs, rhs, group_sizes, *, block_sizes, implementation, interpret) -> RaggedConfig:
   """Checks the arguments of `api.ragged_matmul`."""
-  if implementation not in IMPLEMENTATIONS:
-    raise error(f"implementation={implementation!r} is not known; use one of {IMPLEMENTATIONS}")
+  base.check_implementation("ragged_matmul", implementation)
   if block_sizes is None:
     block_sizes = BlockSizes()
   if not isinstance(block_sizes, BlockSizes):
@@ -100,10 +95,6 @@ def make_config(lhs, rhs, group_sizes, *, block_sizes, implementation, interpret
   return RaggedConfig(m, k, n, g, str(lhs.dtype), block_sizes, implementation, interpret)
 
 
-def round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 @dataclasses.dataclass(frozen=True)
 class Tiles:
   """Checked tile sizes and the dims padded to them."""
@@ -116,51 +107,27 @@ class Tiles:
   n: int
 
 
-def _tpu_dim(name, dim, user, default, multiple):
-  """(block, padded dim): one full-dim tile if it covers dim, else a multiple of `multiple`; the
-  default shrinks to a divisor of dim when there is one (the weights then need no padding)."""
-  if user is not None:
-    if user >= dim:
-      return dim, dim
-    if user % multiple:
-      raise error(
-        f"block_sizes.{name}={user} is not allowed for the TPU kernel; use a multiple of "
-        f"{multiple} or a size >= the dim ({dim})"
-      )
-    return user, round_up(dim, user)
-  if default >= dim:
-    return dim, dim
-  for block in range(default, multiple - 1, -multiple):
-    if dim % block == 0:
-      return block, dim
-  return default, round_up(dim, default)
-
-
 def tpu_tiles(cfg: RaggedConfig) -> Tiles:
   """Mosaic tiles: rows a multiple of 16, lanes a multiple of 128 (or one full-dim tile). The
   weight-gradient kernel uses the same tiles with K in the row position of its output, so K tiles
   are lane multiples too."""
   user = cfg.block_sizes
-  bm, m = _tpu_dim("block_m", cfg.m, user.block_m, TPU_DEFAULTS.block_m, TPU_ROWS)
-  bk, k = _tpu_dim("block_k", cfg.k, user.block_k, TPU_DEFAULTS.block_k, LANES)
-  bn, n = _tpu_dim("block_n", cfg.n, user.block_n, TPU_DEFAULTS.block_n, LANES)
+  bm, m = base.tpu_dim(
+    "ragged_matmul", "block_m", cfg.m, user.block_m, TPU_DEFAULTS.block_m, TPU_ROWS
+  )
+  bk, k = base.tpu_dim("ragged_matmul", "block_k", cfg.k, user.block_k, TPU_DEFAULTS.block_k, LANES)
+  bn, n = base.tpu_dim("ragged_matmul", "block_n", cfg.n, user.block_n, TPU_DEFAULTS.block_n, LANES)
   return Tiles(bm, bk, bn, m, k, n)
-
-
-def _pow2(x: int) -> int:
-  return 1 << max(0, (x - 1).bit_length())
 
 
 def gpu_tiles(cfg: RaggedConfig) -> Tiles:
   """Triton tiles: powers of two >= 16, shrunk to short dims; every dim zero-padded to its tile."""
   user, sizes = cfg.block_sizes, {}
   for name, dim in (("block_m", cfg.m), ("block_k", cfg.k), ("block_n", cfg.n)):
-    value = getattr(user, name)
-    if value is not None and (value < 16 or value & (value - 1)):
-      raise error(
-        f"block_sizes.{name}={value} is not allowed for the GPU kernel; use a power of two >= 16"
-      )
-    value = getattr(GPU_DEFAULTS, name) if value is None else value
-    sizes[name] = min(value, max(16, _pow2(dim)))
+    sizes[name] = base.gpu_dim(
+      "ragged_matmul", name, dim, getattr(user, name), getattr(GPU_DEFAULTS, name)
+    )
   bm, bk, bn = sizes["block_m"], sizes["block_k"], sizes["block_n"]
-  return Tiles(bm, bk, bn, round_up(cfg.m, bm), round_up(cfg.k, bk), round_up(cfg.n, bn))
+  return Tiles(
+    bm, bk, bn, base.round_up(cfg.m, bm), base.round_up(cfg.k, bk), base.round_up(cfg.n, bn)
+  )

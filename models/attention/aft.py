@@ -24,14 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reslm.models.attention.base import (
-  NEG_INF,
-  Attention,
-  MaskInfo,
-  attention_kwargs,
-  mixer_options,
-)
-from reslm.models.registry import MIXERS
+from reslm.models.attention.base import NEG_INF, Attention, MaskInfo, attention_kwargs
+from reslm.models.registry import MIXERS, mixer_options
 from reslm.models.sharding import param
 
 VARIANTS = ("full", "local", "simple")
@@ -146,14 +140,12 @@ class AFTAttention(Attention):
   def __init__(self, *args, variant="full", window=32, max_len=2048, **kwargs):
     if variant not in VARIANTS:
       raise ValueError(
-        f"model.mixer_options.variant={variant!r} is not an AFT variant; "
-        f"choose one of: {', '.join(VARIANTS)}"
+        f"variant={variant!r} is not an AFT variant; choose one of: {', '.join(VARIANTS)}"
       )
     for key, value in (("window", window), ("max_len", max_len)):
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(
-          f"model.mixer_options.{key}={value!r} is not allowed for 'aft' attention; "
-          "it must be a positive integer"
+          f"{key}={value!r} is not allowed for 'aft' attention; it must be a positive integer"
         )
     super().__init__(*args, **kwargs)
     self.variant, self.window, self.max_len = variant, window, max_len
@@ -184,9 +176,7 @@ class AFTAttention(Attention):
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo) -> jax.Array:
     if k.shape[1] > self.max_len:
-      raise ValueError(
-        f"AFT sees {k.shape[1]} key positions but model.mixer_options.max_len={self.max_len}"
-      )
+      raise ValueError(f"AFT sees {k.shape[1]} key positions but max_len={self.max_len}")
     q_pos, kv_pos = info.q_pos[:, :, None], info.kv_pos[:, None, :]
     bias = self.w[...][q_pos, kv_pos]  # [b, tq, tk]
     if self.variant == "local":

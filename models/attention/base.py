@@ -16,7 +16,6 @@ from flax import nnx
 
 from reslm.models.embeddings import apply_rope
 from reslm.models.linear import Linear, ProjectOut, fused_linear
-from reslm.models.registry import MIXERS, module_options
 from reslm.models.sharding import constrain
 
 NEG_INF = -1e30  # Finite, so fully masked rows give a uniform (not NaN) softmax before masking out.
@@ -89,7 +88,7 @@ class Attention(nnx.Module):
     rngs: nnx.Rngs,
   ):
     if num_heads % num_kv_heads:
-      raise ValueError(f"model.num_kv_heads={num_kv_heads} must divide model.num_heads={num_heads}")
+      raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
@@ -244,16 +243,6 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
   # [batch, q_len] output rows is far cheaper than masking the probabilities again.
   seen = mask.any(axis=-1).astype(out.dtype)[:, :, None, None, None]
   return (out * seen).reshape(b, t, h, d)
-
-
-def mixer_options(cfg, variant: str, defaults: dict) -> dict:
-  """A mixer's settings from `model.mixer_options` (flat or namespaced by name), with defaults.
-
-  See `models.registry.module_options`; unknown keys raise a one-line ValueError.
-  """
-  return module_options(
-    cfg.mixer_options, variant, defaults, setting="model.mixer_options", registry=MIXERS
-  )
 
 
 def attention_kwargs(cfg, *, causal: bool, rngs) -> dict:

@@ -11,8 +11,7 @@ def check_positive(variant: str, key: str, value) -> int:
   """Returns `value` if it is a positive int, else raises a one-line ValueError naming the key."""
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
     raise ValueError(
-      f"model.mixer_options.{key}={value!r} is not allowed for {variant!r} attention; "
-      "it must be a positive integer"
+      f"{key}={value!r} is not allowed for {variant!r} attention; it must be a positive integer"
     )
   return value
 

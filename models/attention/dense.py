@@ -7,14 +7,8 @@
 import jax
 from flax import nnx
 
-from reslm.models.attention.base import (
-  Attention,
-  MaskInfo,
-  attention_kwargs,
-  mixer_options,
-  reference_attention,
-)
-from reslm.models.registry import MIXERS
+from reslm.models.attention.base import Attention, MaskInfo, attention_kwargs, reference_attention
+from reslm.models.registry import MIXERS, mixer_options
 
 IMPLEMENTATIONS = ("xla", "jax_nn")
 
@@ -30,7 +24,7 @@ class DenseAttention(Attention):
   def __init__(self, *args, implementation: str = "xla", **kwargs):
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(
-        f"model.mixer_options.implementation={implementation!r} is not known for dense "
+        f"implementation={implementation!r} is not known for dense "
         f"attention; choose one of: {', '.join(IMPLEMENTATIONS)}"
       )
     super().__init__(*args, **kwargs)

@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reslm.models.attention.base import NEG_INF, Attention, attention_kwargs, mixer_options
-from reslm.models.attention.linear import check_chunk_size, from_chunks, split_groups, to_chunks
-from reslm.models.registry import MIXERS
+from reslm.models.attention.base import NEG_INF, Attention, attention_kwargs
+from reslm.models.attention.linear import check_chunk_size, split_groups
+from reslm.models.chunks import from_chunks, to_chunks
+from reslm.models.registry import MIXERS, mixer_options
 
 
 def bidirectional_efficient_attention(q, k, v, valid=None) -> jax.Array:

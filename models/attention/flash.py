@@ -36,13 +36,7 @@ from flax.core import spmd as core_spmd
 
 from reslm.kernels_pallas.flash_attention import api as pallas_api
 from reslm.kernels_pallas.flash_attention.config import BlockSizes
-from reslm.models.attention.base import (
-  NEG_INF,
-  Attention,
-  MaskInfo,
-  attention_kwargs,
-  mixer_options,
-)
+from reslm.models.attention.base import NEG_INF, Attention, MaskInfo, attention_kwargs
 from reslm.models.attention.blocks import (
   block_mask,
   check_positive,
@@ -50,7 +44,7 @@ from reslm.models.attention.blocks import (
   pad_axis,
   padded_mask_arrays,
 )
-from reslm.models.registry import MIXERS
+from reslm.models.registry import MIXERS, mixer_options
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
@@ -266,14 +260,14 @@ class FlashAttention(Attention):
   ):
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(
-        f"model.mixer_options.implementation={implementation!r} is not known for flash "
+        f"implementation={implementation!r} is not known for flash "
         f"attention; choose one of: {', '.join(IMPLEMENTATIONS)}"
       )
     if not isinstance(interpret, bool):
-      raise ValueError(f"model.mixer_options.interpret={interpret!r} must be true or false")
+      raise ValueError(f"interpret={interpret!r} must be true or false")
     if interpret and implementation != "pallas":
       raise ValueError(
-        f"model.mixer_options.interpret=True needs implementation='pallas' for flash attention; "
+        f"interpret=True needs implementation='pallas' for flash attention; "
         f"got implementation={implementation!r}"
       )
     self.block_q = check_positive("flash", "block_q", block_q)
@@ -283,7 +277,7 @@ class FlashAttention(Attention):
       for key, value, multiple in (("block_q", block_q, q_multiple), ("block_k", block_k, 128)):
         if value % multiple:
           raise ValueError(
-            f"model.mixer_options.{key}={value} is not allowed with implementation='pallas'; "
+            f"{key}={value} is not allowed with implementation='pallas'; "
             f"it must be a multiple of {multiple}"
           )
     self.implementation = implementation

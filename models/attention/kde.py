@@ -28,14 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reslm.models.attention.base import (
-  Attention,
-  MaskInfo,
-  attention_kwargs,
-  mixer_options,
-  reference_attention,
-)
-from reslm.models.registry import MIXERS
+from reslm.models.attention.base import Attention, MaskInfo, attention_kwargs, reference_attention
+from reslm.models.registry import MIXERS, mixer_options
 
 DEFAULTS = {"num_samples": 32, "seed": 0}
 
@@ -157,9 +151,7 @@ class KDEAttention(Attention):
       ("seed", seed, isinstance(seed, int), "any integer"),
     ):
       if not ok or isinstance(value, bool):
-        raise ValueError(
-          f"model.mixer_options.{name}={value!r} is not allowed for kde: an integer {allowed}"
-        )
+        raise ValueError(f"{name}={value!r} is not allowed for kde: an integer {allowed}")
     super().__init__(*args, **kwargs)
     self.num_samples = num_samples
     self.seed = seed

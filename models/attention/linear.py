@@ -20,31 +20,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reslm.models.attention.base import Attention, attention_kwargs, mixer_options
-from reslm.models.registry import MIXERS
+from reslm.models.attention.base import Attention, attention_kwargs
+from reslm.models.chunks import from_chunks, to_chunks
+from reslm.models.registry import MIXERS, mixer_options
 
 
 def check_chunk_size(variant: str, value) -> int:
   """Returns `value` if it is a positive int, else raises a one-line ValueError."""
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
     raise ValueError(
-      f"model.mixer_options.chunk_size={value!r} is not allowed for {variant!r} attention; "
+      f"chunk_size={value!r} is not allowed for {variant!r} attention; "
       "it must be a positive integer"
     )
   return value
-
-
-def to_chunks(x: jax.Array, c: int) -> jax.Array:
-  """[b, t, ...] -> [n, b, c, ...], zero-padding t up to a multiple of c."""
-  b, t = x.shape[:2]
-  x = jnp.pad(x, [(0, 0), (0, -t % c)] + [(0, 0)] * (x.ndim - 2))
-  return jnp.moveaxis(x.reshape(b, -1, c, *x.shape[2:]), 1, 0)
-
-
-def from_chunks(x: jax.Array, t: int) -> jax.Array:
-  """[n, b, c, ...] -> [b, t, ...], dropping the padding."""
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
 
 
 def split_groups(q: jax.Array, num_kv_heads: int) -> jax.Array:

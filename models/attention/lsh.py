@@ -29,14 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reslm.models.attention.base import (
-  NEG_INF,
-  Attention,
-  MaskInfo,
-  attention_kwargs,
-  mixer_options,
-)
-from reslm.models.registry import MIXERS
+from reslm.models.attention.base import NEG_INF, Attention, MaskInfo, attention_kwargs
+from reslm.models.registry import MIXERS, mixer_options
 
 SELF_SCORE = -1e5  # Reformer's self-attention score: negligible unless it is the only candidate.
 DEFAULTS = {"num_buckets": 8, "num_hashes": 1, "chunk_size": 64, "seed": 0}
@@ -84,9 +78,7 @@ class LSHAttention(Attention):
     )
     for name, value, ok, allowed in checks:
       if not isinstance(value, int) or isinstance(value, bool) or not ok(value):
-        raise ValueError(
-          f"model.mixer_options.{name}={value!r} is not allowed for lsh: an integer, {allowed}"
-        )
+        raise ValueError(f"{name}={value!r} is not allowed for lsh: an integer, {allowed}")
     super().__init__(*args, **kwargs)
     self.num_buckets = num_buckets
     self.num_hashes = num_hashes

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reslm.models.attention.base import NEG_INF, mixer_options
+from reslm.models.attention.base import NEG_INF
 from reslm.models.linear import Linear
-from reslm.models.registry import MIXERS, check_int, layer_kwargs
+from reslm.models.registry import MIXERS, check_int, layer_kwargs, mixer_options
 from reslm.models.sharding import param
 
 DEFAULTS = {"ndim": 8, "chunk_size": 0, "zdim": 0}

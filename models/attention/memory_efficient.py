@@ -16,13 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reslm.models.attention.base import (
-  NEG_INF,
-  Attention,
-  MaskInfo,
-  attention_kwargs,
-  mixer_options,
-)
+from reslm.models.attention.base import NEG_INF, Attention, MaskInfo, attention_kwargs
 from reslm.models.attention.blocks import (
   block_mask,
   check_positive,
@@ -31,7 +25,7 @@ from reslm.models.attention.blocks import (
   padded_mask_arrays,
   to_blocks,
 )
-from reslm.models.registry import MIXERS
+from reslm.models.registry import MIXERS, mixer_options
 
 
 def chunked_attention(

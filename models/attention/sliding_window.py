@@ -17,15 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reslm.models.attention.base import (
-  Attention,
-  MaskInfo,
-  attention_kwargs,
-  mixer_options,
-  reference_attention,
-)
+from reslm.models.attention.base import Attention, MaskInfo, attention_kwargs, reference_attention
 from reslm.models.attention.blocks import check_positive, from_blocks, pad_axis, to_blocks
-from reslm.models.registry import MIXERS
+from reslm.models.registry import MIXERS, mixer_options
 
 MAX_BLOCK = 128  # Query block size cap; smaller windows use blocks of about the window size.
 

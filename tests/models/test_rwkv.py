@@ -189,7 +189,7 @@ def test_channel_mix_is_exact_on_whole_sequences_but_not_when_decoding_token_by_
     (dict(options={"mix_lora": 0}), r"model.mixer_options.mix_lora=0 is not allowed for rwkv"),
     (dict(options={"decay_lora": 2.0}), r"model.mixer_options.decay_lora=2.0 is not allowed"),
     (dict(options={"chunk": 8}), r"model.mixer_options.chunk is not a setting of .*'rwkv'"),
-    (dict(head_dim=16), r"rwkv needs model.d_model == num_heads \* head_dim; got d_model=32"),
+    (dict(head_dim=16), r"rwkv needs d_model == num_heads \* head_dim; got d_model=32"),
     (dict(kind="encoder"), r"model.mixer='rwkv' is causal only"),
   ],
 )

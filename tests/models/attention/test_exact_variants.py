@@ -37,7 +37,7 @@ def mixer(name, *, causal=True, num_kv_heads=HEADS, **options):
     mixer=name,
     mixer_options=options or OPTIONS[name],
   )
-  return MIXERS.get(name)(cfg, causal=causal, rngs=nnx.Rngs(0))
+  return MIXERS.build(name, cfg, causal=causal, rngs=nnx.Rngs(0))
 
 
 def inputs(num_kv_heads, dtype, segments, causal, t=T, seed=0):
