@@ -8,17 +8,19 @@ An ablation file defines `get_ablation(arg) -> dict` with:
                  "quality": "eval_accuracy" | "eval_loss" | ..., "higher_is_better": bool,
                  "arm_overrides": {arm: {dotted: value}}  (optional, per-task tweaks of an arm)}}
   arms:  {name: {dotted.setting: value}}   (applied on top of each task's config)
-  cost:  row field for the Pareto x-axis: "flops_per_token" (default), "xla_flops_per_token",
-         "peak_bytes" or "step_s".
+  cost:  row field for the Pareto x-axis: "flops_per_token" (default),
+         "xla_loop_free_flops_per_token", "xla_flops_per_token", "peak_bytes" or "step_s".
 Each (task, arm) trains in <workdir>/<task>/<arm> through the normal training loop; finished runs
 are reused, so an interrupted sweep resumes. Prints one table per task (quality, tokens/s, compiled
 peak memory, FLOPs/token, parameters) and writes <workdir>/ablation.json and a Pareto plot per
 task (<workdir>/pareto_<task>.png).
 
 FLOPs/token is the report's model count (`training.flops.model_flops`: forward matmul FLOPs with
-every loop counted, times 3), a function of the arm's config alone; a finished row from before it
-was recorded gets it computed from the config, without retraining. `xla_flops_per_token` is XLA's
-count of the compiled step, which visits each loop body once (kept for comparison only).
+every loop counted, times 3); `xla_loop_free_flops_per_token` is XLA's count of every op of the
+loss's forward and backward pass with every loop unrolled (elementwise work and rematerialisation
+included). Both are functions of the arm's config alone: a finished row without them gets them
+computed from its config, without retraining. `xla_flops_per_token` is XLA's count of the compiled
+step, which visits each loop body once (an undercount, kept for comparison only).
 """
 
 import importlib.util
@@ -39,7 +41,42 @@ flags.DEFINE_list("tasks", [], "Only these tasks (default: all).")
 flags.DEFINE_integer("steps", 0, "Override train.steps for every run (0 = the task's own).")
 FLAGS = flags.FLAGS
 
-COSTS = ("flops_per_token", "xla_flops_per_token", "peak_bytes", "step_s")
+
+def _holds_runs(path: str, key=None) -> bool:
+  """An unmarked sweep directory: every subdirectory is a task whose entries are arm runs."""
+  from reslm.training.runs import TRAIN_RUN
+
+  del key
+  for task in os.listdir(path):
+    task_dir = os.path.join(path, task)
+    if not os.path.isdir(task_dir):
+      continue
+    for arm in os.listdir(task_dir):
+      arm_dir = os.path.join(task_dir, arm)
+      if not (os.path.isdir(arm_dir) and TRAIN_RUN.written_by(arm_dir)):
+        return False
+  return True
+
+
+def sweep_kind():
+  """What `--workdir` holds: `ablation.json`, Pareto plots and <task>/<arm>/ training runs."""
+  from reslm.training.ownership import Kind
+
+  return Kind(
+    command="experiments.ablate",
+    what="an ablation sweep",
+    outputs=("ablation.json", "pareto_*.png", "*/"),
+    recognize=_holds_runs,
+  )
+
+
+COSTS = (
+  "flops_per_token",
+  "xla_loop_free_flops_per_token",
+  "xla_flops_per_token",
+  "peak_bytes",
+  "step_s",
+)
 
 
 def _load_module(path: str):
@@ -96,15 +133,32 @@ def arm_config(task: dict, overrides: dict, steps: int = 0):
   return cfg
 
 
-def config_flops(cfg) -> dict:
-  """The model FLOPs per token a training run of `cfg` reports, computed without training."""
+def config_flops(cfg, *, xla_loop_free: bool = False) -> dict:
+  """The model FLOPs per token a training run of `cfg` reports (`training.flops.model_flops`),
+  computed without training; with `xla_loop_free`, XLA's loop-free count as well."""
   from reslm import data as data_lib
   from reslm.training import config as config_lib
   from reslm.training.flops import model_flops
 
   model_cfg = config_lib.model_config(cfg, data_lib.build_dataset(cfg.data).vocab_size)
   micro = cfg.data.batch_size // cfg.train.grad_accum_steps
-  return model_flops(model_cfg, batch_size=micro, seq_len=cfg.data.seq_len)
+  return model_flops(
+    model_cfg, batch_size=micro, seq_len=cfg.data.seq_len, xla_loop_free=xla_loop_free
+  )
+
+
+_COUNTED = ("flops_per_token", "flops_source", "xla_loop_free_flops_per_token")
+
+
+def _counted_costs(cfg) -> dict:
+  counted = config_flops(cfg, xla_loop_free=True)
+  return dict(
+    zip(
+      _COUNTED,
+      (counted["train_per_token"], counted["source"], counted["xla_loop_free_train_per_token"]),
+      strict=True,
+    )
+  )
 
 
 def run_arm(task: dict, overrides: dict, workdir: str, steps: int) -> dict:
@@ -114,9 +168,8 @@ def run_arm(task: dict, overrides: dict, workdir: str, steps: int) -> dict:
   if os.path.exists(done):
     with open(done) as f:
       row = json.load(f)
-    if "flops_per_token" not in row:  # A row from before the count was recorded.
-      counted = config_flops(cfg)
-      row.update(flops_per_token=counted["train_per_token"], flops_source=counted["source"])
+    if any(key not in row for key in _COUNTED):  # A row from before the counts were recorded.
+      row.update({k: v for k, v in _counted_costs(cfg).items() if k not in row})
       with open(done, "w") as f:
         json.dump(row, f, indent=2)
     return row
@@ -129,6 +182,7 @@ def run_arm(task: dict, overrides: dict, workdir: str, steps: int) -> dict:
       f"{workdir}: preempted at step {result.step}; rerun the same command to resume"
     )
   row = _row(result.report, result.eval)
+  row["xla_loop_free_flops_per_token"] = _counted_costs(cfg)["xla_loop_free_flops_per_token"]
   with open(done, "w") as f:
     json.dump(row, f, indent=2)
   return row
@@ -137,19 +191,20 @@ def run_arm(task: dict, overrides: dict, workdir: str, steps: int) -> dict:
 def _print_table(task_name: str, task: dict, rows: dict) -> None:
   q = task["quality"]
   print(f"\n== {task_name}: {q} ({'higher' if task['higher_is_better'] else 'lower'} is better)")
+  # GFLOP/tok: the counted model FLOPs; XLA GFLOP/tok: every op, every loop iteration.
   print(
-    f"{'arm':22s}{q:>14s}{'tokens/s':>11s}{'peak MiB':>10s}{'GFLOP/tok':>11s}{'params':>10s}"
-    f"{'active':>10s}"
+    f"{'arm':22s}{q:>14s}{'tokens/s':>11s}{'peak MiB':>10s}{'GFLOP/tok':>11s}"
+    f"{'XLA GFLOP/tok':>15s}{'params':>10s}{'active':>10s}"
   )
   for arm, row in rows.items():
     if "error" in row:
       print(f"{arm:22s}  error: {row['error']}")
       continue
-    flops = row["flops_per_token"]
+    flops, xla = row["flops_per_token"] or 0, row["xla_loop_free_flops_per_token"] or 0
     print(
       f"{arm:22s}{row.get(q, float('nan')):14.4f}{row['train_tokens_per_s']:11.0f}"
-      f"{(row['peak_bytes'] or 0) / 2**20:10.1f}{(flops or 0) / 1e9:11.4f}{row['params']:10d}"
-      f"{row.get('active_params', row['params']):10d}"
+      f"{(row['peak_bytes'] or 0) / 2**20:10.1f}{flops / 1e9:11.4f}{xla / 1e9:15.4f}"
+      f"{row['params']:10d}{row.get('active_params', row['params']):10d}"
     )
 
 
@@ -187,6 +242,11 @@ def main(argv):
   cost = ablation.get("cost", "flops_per_token")
   if cost not in COSTS:
     raise ValueError(f"ablation cost={cost!r} is not known; choose one of: {', '.join(COSTS)}")
+  from reslm.training import ownership
+  from reslm.training.runs import TRAIN_RUN
+
+  # Each arm trains in <workdir>/<task>/<arm>; the sweep directory must be one (or new).
+  ownership.claim(FLAGS.workdir, sweep_kind(), flag="--workdir", others=(TRAIN_RUN,))
   tasks = {k: v for k, v in ablation["tasks"].items() if not FLAGS.tasks or k in FLAGS.tasks}
   arms = {k: v for k, v in ablation["arms"].items() if not FLAGS.arms or k in FLAGS.arms}
   for name, wanted in (("task", FLAGS.tasks), ("arm", FLAGS.arms)):

@@ -24,6 +24,9 @@ computed, as dense attention computes them); calls (`pjit`, `checkpoint`, custom
 once) and `pallas_call` kernels (not counted; under `platform_dependent` the XLA branch is counted).
 Count the forward pass: a backward pass traced into the program would count rematerialisation and
 custom backward kernels, which are not model FLOPs.
+
+`xla_loop_free_flops` is the other convention: XLA's count of every op (elementwise work too) of
+the program with each `scan` unrolled, so no loop body is undercounted.
 """
 
 import dataclasses
@@ -34,6 +37,8 @@ from typing import Any
 import jax
 import numpy as np
 from jax.extend import core
+
+from reslm.metrics.flops import xla_cost
 
 # Primitives whose output is the input rearranged or recast: a weight stays a weight through them.
 _VIEWS = frozenset(
@@ -211,3 +216,51 @@ def count_flops(fn: Callable[..., Any], *args: Any) -> Count:
   `Count.matmul_inputs` indexes the flattened leaves of `args`, in `jax.tree.leaves(args)` order.
   """
   return count_jaxpr(jax.make_jaxpr(fn)(*args))
+
+
+def unroll_loops(jaxpr):
+  """The program with every `scan` (nested ones too) marked for full unrolling when lowered.
+
+  Args:
+    jaxpr: A `Jaxpr` or `ClosedJaxpr`.
+
+  Returns:
+    The same kind of object; lowered, it has no while loop left except those of `while_loop`s
+    with a traced trip count.
+  """
+  inner = jaxpr.jaxpr if isinstance(jaxpr, core.ClosedJaxpr) else jaxpr
+  eqns = []
+  for eqn in inner.eqns:
+    params = {k: _unroll_param(v) for k, v in eqn.params.items()}
+    if eqn.primitive.name == "scan":
+      params["unroll"] = eqn.params["length"]  # An int: `True` would read as 1.
+    eqns.append(eqn.replace(params=params))
+  inner = inner.replace(eqns=eqns)
+  return core.ClosedJaxpr(inner, jaxpr.consts) if isinstance(jaxpr, core.ClosedJaxpr) else inner
+
+
+def _unroll_param(value):
+  if isinstance(value, (core.Jaxpr, core.ClosedJaxpr)):
+    return unroll_loops(value)
+  if isinstance(value, tuple) and any(isinstance(v, (core.Jaxpr, core.ClosedJaxpr)) for v in value):
+    return tuple(_unroll_param(v) for v in value)
+  return value
+
+
+def xla_loop_free_flops(fn: Callable[..., Any], *args: Any) -> float | None:
+  """XLA's FLOP count of `fn(*args)` with every loop unrolled: all ops, each iteration counted.
+
+  Traces `fn` (args may be `jax.ShapeDtypeStruct`s), unrolls its scans (`unroll_loops`) and
+  lowers it; the count is `cost_analysis()` of the lowered program, before XLA's optimisations
+  (whose fusions may duplicate elementwise work in the compiled program's count), so nothing is
+  compiled. Elementwise ops count 1 FLOP per element, transcendentals none, a `cond` its costliest
+  branch. The lowered program grows with the total trip count: meant for models of test or
+  ablation size.
+
+  Returns:
+    The FLOPs of one call, or None when the backend gives no cost analysis.
+  """
+  jaxpr = unroll_loops(jax.make_jaxpr(fn)(*args))
+  avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jaxpr.in_avals]
+  # `xla_cost` reads `cost_analysis()`, which a Lowered has as well as a Compiled.
+  return xla_cost(jax.jit(core.jaxpr_as_fun(jaxpr)).lower(*avals))["flops"]

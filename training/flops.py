@@ -9,6 +9,11 @@ pass of a matmul is two matmuls of the same size; rematerialisation and the reco
 flash attention's backward kernel are implementation overhead, not model FLOPs. These are the MFU
 numerator of the efficiency report and the cost axis of `experiments.ablate`.
 
+With `xla_loop_free=True` it also reports the other convention, for comparison: XLA's count of
+every op (elementwise work, softmax, the selective scan's recurrence, rematerialisation) of the
+loss's forward and backward pass with every loop unrolled (`metrics.jaxpr_flops.
+xla_loop_free_flops`); it costs a lowering of the unrolled program, so it is off by default.
+
 Conventions: causal attention counts the full score matrix (what dense attention computes and
 masks, and what PaLM's MFU formula 6·N + 12·L·H·Q·T counts); MoE counts the routed work (top-k
 experts per token for dropless dispatch, every capacity slot for capacity dispatch); the embedding
@@ -20,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from reslm.metrics import jaxpr_flops
@@ -32,7 +38,9 @@ TRAIN_PER_FORWARD = 3
 SOURCE = "counted: forward-pass matmul FLOPs (loops x trip count), train = 3 x forward"
 
 
-def model_flops(model_cfg: ModelConfig, *, batch_size: int, seq_len: int) -> dict[str, Any]:
+def model_flops(
+  model_cfg: ModelConfig, *, batch_size: int, seq_len: int, xla_loop_free: bool = False
+) -> dict[str, Any]:
   """Counts one forward call of the model on a [batch_size, seq_len] batch of token ids.
 
   Per-call work that does not scale with the batch (e.g. Hyena's implicit filters, Monarch's
@@ -43,6 +51,7 @@ def model_flops(model_cfg: ModelConfig, *, batch_size: int, seq_len: int) -> dic
     model_cfg: The model.
     batch_size: Sequences per forward call.
     seq_len: Tokens per sequence.
+    xla_loop_free: Also return `xla_loop_free_train_per_token` (see the module docstring).
 
   Returns:
     A dict with `forward_per_token` and `train_per_token` FLOPs; `matmul_params`, the parameters
@@ -68,11 +77,20 @@ def model_flops(model_cfg: ModelConfig, *, batch_size: int, seq_len: int) -> dic
       for i, x in enumerate(leaves)
     ]
   )
-  forward_per_token = count.flops / (batch_size * seq_len)
-  return {
-    "forward_per_token": forward_per_token,
-    "train_per_token": TRAIN_PER_FORWARD * forward_per_token,
+  tokens_per_call = batch_size * seq_len
+  out = {
+    "forward_per_token": count.flops / tokens_per_call,
+    "train_per_token": TRAIN_PER_FORWARD * count.flops / tokens_per_call,
     "matmul_params": active_params(matmul, **(expert_usage(model_cfg) or {})),
     "source": SOURCE,
     "uncounted": list(count.uncounted),
   }
+  if xla_loop_free:
+
+    def loss(params, tokens_bt):  # Next-token cross-entropy (targets: the inputs, for shapes).
+      logits = forward(params, tokens_bt)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_bt).mean()
+
+    flops = jaxpr_flops.xla_loop_free_flops(jax.value_and_grad(loss), params, tokens)
+    out["xla_loop_free_train_per_token"] = None if flops is None else flops / tokens_per_call
+  return out

@@ -31,11 +31,12 @@ def test_finished_rows_without_counted_flops_get_them_from_their_config(tmp_path
   old_row = {"eval_accuracy": 0.5, "xla_flops_per_token": 1.0}  # As written before the count.
   (tmp_path / "ablation_row.json").write_text(json.dumps(old_row))
   row = ablate.run_arm(task, arm, str(tmp_path), steps=0)
-  expected = ablate.config_flops(ablate.arm_config(task, arm))
+  expected = ablate.config_flops(ablate.arm_config(task, arm), xla_loop_free=True)
   assert row == {
     **old_row,
     "flops_per_token": expected["train_per_token"],
     "flops_source": expected["source"],
+    "xla_loop_free_flops_per_token": expected["xla_loop_free_train_per_token"],
   }
   assert json.loads((tmp_path / "ablation_row.json").read_text()) == row  # Nothing retrained.
 

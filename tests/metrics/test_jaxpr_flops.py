@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from reslm.metrics import xla_cost
-from reslm.metrics.jaxpr_flops import count_flops
+from reslm.metrics.jaxpr_flops import count_flops, xla_loop_free_flops
 
 
 def _xla(fn, *args) -> float:
@@ -163,3 +163,21 @@ def test_loops_with_a_traced_trip_count_are_reported_uncounted():
   assert count.uncounted == ("while (body counted once)",)
   assert count.flops == 2 * 8 * 16 * 16
   assert count_flops(_looped, X, W).uncounted == ()
+
+
+def test_xla_loop_free_count_equals_xla_on_the_hand_unrolled_program():
+  def looped(x, w):
+    def inner(c, _):
+      return jnp.tanh(c @ w) + 1.0, None
+
+    x = jax.lax.scan(lambda c, _: (jax.lax.scan(inner, c, None, length=3)[0], None), x, None, 2)[0]
+    return jax.lax.map(lambda row: jnp.sin(row @ w) * 2.0, x.reshape(2, 4, 16))
+
+  def unrolled(x, w):
+    for _ in range(6):
+      x = jnp.tanh(x @ w) + 1.0
+    return jnp.stack([jnp.sin(row @ w) * 2.0 for row in x.reshape(2, 4, 16)])
+
+  expected = xla_cost(jax.jit(unrolled).lower(X, W))["flops"]  # Lowered, as the count is.
+  assert xla_loop_free_flops(looped, X, W) == expected
+  assert xla_cost(jax.jit(looped).lower(X, W))["flops"] < expected / 2  # Bodies once.

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from reslm.metrics import flops
+from reslm.metrics.jaxpr_flops import xla_loop_free_flops
 from reslm.models import ModelConfig, build_model
 from reslm.training.flops import model_flops
 
@@ -18,19 +19,27 @@ BATCH, T = 2, 64
 BASE = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=2, max_seq_len=T)
 
 
-def _xla_unrolled_matmul_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
-  """XLA's count of every matmul of the forward pass, traced with every loop unrolled.
-
-  Under `jax.disable_jit` JAX runs a scan's body once per step in Python, so the traced program
-  has no loops left; its matmuls are replayed as one program for XLA's `cost_analysis` (which
-  counts a loop-free program exactly).
-  """
+def _forward(cfg: ModelConfig, batch: int, seq_len: int):
+  """(forward function, abstract params, abstract tokens) of the model."""
   graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+  return lambda p, t: nnx.merge(graphdef, p)(t).logits, nnx.to_pure_dict(state), tokens
+
+
+def _jax_unrolled(cfg: ModelConfig, batch: int, seq_len: int):
+  """The forward pass traced with every loop unrolled by JAX itself.
+
+  Under `jax.disable_jit` JAX runs a scan's body once per step in Python, so the traced program
+  has no loops left.
+  """
   with jax.disable_jit():
-    jaxpr = jax.make_jaxpr(lambda p, t: nnx.merge(graphdef, p)(t).logits)(
-      nnx.to_pure_dict(state), tokens
-    )
+    return jax.make_jaxpr(_forward(cfg, batch, seq_len)[0])(*_forward(cfg, batch, seq_len)[1:])
+
+
+def _xla_unrolled_matmul_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
+  """XLA's count of every matmul of the JAX-unrolled forward pass, replayed as one program (XLA's
+  `cost_analysis` counts a loop-free program exactly)."""
+  jaxpr = _jax_unrolled(cfg, batch, seq_len)
   dots = []
 
   def collect(j):
@@ -124,3 +133,15 @@ def test_matmul_params_of_mamba_and_an_moe_count_weights_and_active_experts():
   router, two_experts = 32 * 4, 2 * 3 * 32 * 16
   expected = 2 * (_attention_and_mlp(32, 2, 2, 16, 0) + router + two_experts) + 32 * 64
   assert model_flops(moe, batch_size=BATCH, seq_len=T)["matmul_params"] == expected
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "linear"])
+def test_xla_loop_free_count_equals_xla_on_the_jax_unrolled_forward(mixer):
+  cfg = ModelConfig(**BASE, mixer=mixer, mixer_options={"chunk_size": 16})
+  jaxpr = _jax_unrolled(ModelConfig(**{**cfg.to_dict(), "scan_layers": False}), BATCH, T)
+  avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jaxpr.in_avals]
+  expected = flops.xla_cost(jax.jit(jax.extend.core.jaxpr_as_fun(jaxpr)).lower(*avals))["flops"]
+  assert xla_loop_free_flops(*_forward(cfg, BATCH, T)) == expected
+  # The training figure adds the elementwise work (the selective scan, the loss) to the matmuls.
+  got = model_flops(cfg, batch_size=BATCH, seq_len=T, xla_loop_free=True)
+  assert got["xla_loop_free_train_per_token"] > got["train_per_token"]
