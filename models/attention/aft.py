@@ -18,13 +18,18 @@ sums over the positions t' that t may see (t' <= t when causal).
 use kv_heads; their per-channel mix is shared by the query heads of a group, so it is computed once
 per kv head and repeated. "simple" treats segment ids as a padding mask only; "full"/"local" honour
 packed segments through the shell's mask.
+
+Positions: the paper's only position information is w ("full"/"local"; none in "simple"): σ(Q)
+and exp(K) see un-rotated projections by default. `rope=True` applies RoPE to q and k first (not
+in the paper).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reslm.models.attention.base import NEG_INF, Attention, MaskInfo, attention_kwargs
+from reslm.models.attention.base import NEG_INF, Attention, MaskInfo
+from reslm.models.attention.linear import position_free_kwargs
 from reslm.models.registry import MIXERS, mixer_options
 from reslm.models.sharding import param
 
@@ -186,6 +191,7 @@ class AFTAttention(Attention):
 
 @MIXERS.register("aft")
 def _aft(cfg, *, causal: bool, rngs: nnx.Rngs) -> AFTAttention:
-  defaults = {"variant": "full", "window": 32, "max_len": cfg.max_seq_len}
+  defaults = {"variant": "full", "window": 32, "max_len": cfg.max_seq_len, "rope": False}
   options = mixer_options(cfg, "aft", defaults)
-  return AFTAttention(**attention_kwargs(cfg, causal=causal, rngs=rngs), **options)
+  kwargs = position_free_kwargs(cfg, "aft", options, causal=causal, rngs=rngs)
+  return AFTAttention(**kwargs, **options)

@@ -15,14 +15,17 @@ out = ρ_q(Q) (ρ_k(K)ᵀ V): a [d, d] global context instead of a [T, T] attent
   (as `LayerStack.init_cache` builds) is read as empty: where Z = 0 the max is taken as -inf.
 
 Grouped-query heads share their kv head's context. Segment ids act as a padding mask only.
+
+Positions: none by default, as in the paper (the softmaxes see un-rotated q and k); `rope=True`
+applies RoPE to q and k before them (not in the paper).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reslm.models.attention.base import NEG_INF, Attention, attention_kwargs
-from reslm.models.attention.linear import check_chunk_size, split_groups
+from reslm.models.attention.base import NEG_INF, Attention
+from reslm.models.attention.linear import check_chunk_size, position_free_kwargs, split_groups
 from reslm.models.chunks import from_chunks, to_chunks
 from reslm.models.registry import MIXERS, mixer_options
 
@@ -131,5 +134,6 @@ class EfficientAttention(Attention):
 
 @MIXERS.register("efficient")
 def _efficient(cfg, *, causal: bool, rngs: nnx.Rngs) -> EfficientAttention:
-  options = mixer_options(cfg, "efficient", {"chunk_size": 64})
-  return EfficientAttention(**attention_kwargs(cfg, causal=causal, rngs=rngs), **options)
+  options = mixer_options(cfg, "efficient", {"chunk_size": 64, "rope": False})
+  kwargs = position_free_kwargs(cfg, "efficient", options, causal=causal, rngs=rngs)
+  return EfficientAttention(**kwargs, **options)

@@ -14,6 +14,10 @@ z = Σ_j φ(k_j), sums over the keys query i may see.
 Grouped-query heads share their kv head's (S, z). Segment ids act as a padding mask only (padded
 keys contribute nothing, padded queries output zeros); packed sequences are not separated.
 Everything is computed in float32.
+
+Positions: none by default, as in the paper: φ is applied to the un-rotated projections, so order
+reaches the layer only through causality. The option `rope=True` applies RoPE to q and k before
+φ (not in the paper; φ(R q)·φ(R k) is no longer a function of the relative position).
 """
 
 import jax
@@ -22,7 +26,7 @@ from flax import nnx
 
 from reslm.models.attention.base import Attention, attention_kwargs
 from reslm.models.chunks import from_chunks, to_chunks
-from reslm.models.registry import MIXERS, mixer_options
+from reslm.models.registry import MIXERS, check_option, mixer_options
 
 
 def check_chunk_size(variant: str, value) -> int:
@@ -33,6 +37,20 @@ def check_chunk_size(variant: str, value) -> int:
       "it must be a positive integer"
     )
   return value
+
+
+def position_free_kwargs(cfg, variant: str, options: dict, *, causal: bool, rngs) -> dict:
+  """`attention_kwargs` for a kernelised variant: RoPE only if `options["rope"]` (popped) is True.
+
+  Linear, efficient and AFT attention apply their feature maps to un-rotated q and k in their
+  papers; `rope=True` keeps the shell's RoPE (q and k rotated before the feature maps).
+  """
+  rope = options.pop("rope")
+  check_option(variant, "rope", rope, isinstance(rope, bool), "True or False")
+  kwargs = attention_kwargs(cfg, causal=causal, rngs=rngs)
+  if not rope:
+    kwargs["rope_theta"] = None
+  return kwargs
 
 
 def split_groups(q: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -152,5 +170,6 @@ class LinearAttention(Attention):
 
 @MIXERS.register("linear")
 def _linear(cfg, *, causal: bool, rngs: nnx.Rngs) -> LinearAttention:
-  options = mixer_options(cfg, "linear", {"chunk_size": 64})
-  return LinearAttention(**attention_kwargs(cfg, causal=causal, rngs=rngs), **options)
+  options = mixer_options(cfg, "linear", {"chunk_size": 64, "rope": False})
+  kwargs = position_free_kwargs(cfg, "linear", options, causal=causal, rngs=rngs)
+  return LinearAttention(**kwargs, **options)

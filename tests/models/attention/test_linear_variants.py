@@ -9,7 +9,7 @@ from flax import nnx
 import reslm.models.attention.aft  # noqa: F401  (registers "aft")
 import reslm.models.attention.efficient  # noqa: F401  (registers "efficient")
 import reslm.models.attention.linear  # noqa: F401  (registers "linear")
-from reslm.models import ModelConfig, build_model
+from reslm.models import MIXERS, ModelConfig, build_model
 from reslm.models.attention.aft import AFTAttention
 from reslm.models.attention.base import reference_attention
 from reslm.models.attention.efficient import EfficientAttention, causal_efficient_attention
@@ -19,6 +19,7 @@ from tests.models.mixer_checks import (
   check_one_line_error,
   check_state_size_is_constant,
   logits,
+  randomised,
   tokens,
 )
 
@@ -183,6 +184,57 @@ def tiny(name, options, **kw):
   return ModelConfig(**{**TINY, "mixer": name, "mixer_options": options, **kw})
 
 
+def naive_rope(x, theta=10_000.0):
+  """Rotates each pair (x[i], x[i + d/2]) at position p by p · θ^(-2i/d); x [b, t, h, d] NumPy."""
+  x = np.asarray(x, np.float64)
+  d = x.shape[-1]
+  out = x.copy()
+  for p in range(x.shape[1]):
+    for i in range(d // 2):
+      a = p * theta ** (-2 * i / d)
+      u, w = x[:, p, :, i], x[:, p, :, i + d // 2]
+      out[:, p, :, i], out[:, p, :, i + d // 2] = (
+        u * np.cos(a) - w * np.sin(a),
+        w * np.cos(a) + u * np.sin(a),
+      )
+  return out.astype(np.float32)
+
+
+# Whole layers (projections, optional RoPE, core, output projection) vs the naive closed forms.
+LAYER_CASES = [
+  ("linear", {}, naive_linear),
+  ("efficient", {}, naive_efficient),
+  ("aft", {"variant": "simple"}, lambda q, k, v, m: naive_aft(q, k, v, jnp.zeros((T, T)), m)),
+  ("aft", {"variant": "full"}, None),  # The learned biases w, read from the layer.
+]
+
+
+@pytest.mark.parametrize("rope", [None, True], ids=["default", "rope"])
+@pytest.mark.parametrize(("name", "options", "naive"), LAYER_CASES, ids=IDS[:4])
+def test_layer_applies_rope_only_when_asked(name, options, naive, rope):
+  """RoPE rotates q and k before the feature maps only with rope=True (default: no RoPE)."""
+  extra = {} if rope is None else {"rope": rope}
+  cfg = tiny(name, {**options, **extra, "chunk_size": 4} if name != "aft" else {**options, **extra})
+  layer = randomised(lambda: MIXERS.build(name, cfg, causal=True, rngs=nnx.Rngs(0)), std=0.3)
+  x = np.random.default_rng(1).standard_normal((B, T, 32)).astype(np.float32)
+  proj = lambda m: np.einsum("btc,chd->bthd", x, np.asarray(m.kernel[...]))  # noqa: E731
+  q, k, v = proj(layer.q), proj(layer.k), proj(layer.v)
+  if rope:
+    q, k = naive_rope(q), naive_rope(k)
+  if naive is None:
+    w = jnp.asarray(np.asarray(layer.w[...])[:T, :T])
+    naive = lambda q, k, v, m: naive_aft(q, k, v, w, m)  # noqa: E731
+  core = np.asarray(naive(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), visible(True)))
+  expected = np.einsum("bthd,hdc->btc", core, np.asarray(layer.o.kernel[...]))
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  out = np.asarray(jax.jit(lambda x: layer(x, positions_bt=pos)[0])(jnp.asarray(x)))
+  np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
+  if rope:  # The rotation matters at these scales: the test could tell the two apart.
+    plain = naive(*(jnp.asarray(a) for a in (proj(layer.q), proj(layer.k), v)), visible(True))
+    plain = np.einsum("bthd,hdc->btc", np.asarray(plain), np.asarray(layer.o.kernel[...]))
+    assert np.abs(plain - expected).max() > 1e-2
+
+
 @pytest.mark.parametrize(("name", "options"), VARIANTS[:4], ids=IDS[:4])
 def test_encoder_padding_does_not_change_real_tokens(name, options):
   model = build_model(tiny(name, options, kind="encoder"))
@@ -218,6 +270,9 @@ def test_recurrent_state_size_does_not_depend_on_max_len(name, options):
       r"model.mixer_options.chunk is not a setting of sequence mixer 'linear'",
     ),
     ("aft", {"windw": 8}, r"model.mixer_options.windw is not a setting of sequence mixer 'aft'"),
+    ("linear", {"rope": 1}, r"model.mixer_options.rope=1 is not allowed for linear: True or"),
+    ("efficient", {"rope": "yes"}, r"model.mixer_options.rope='yes' .*True or False"),
+    ("aft", {"rope": None}, r"model.mixer_options.rope=None .*True or False"),
   ],
 )
 def test_bad_settings_raise_one_line_errors(name, options, match):
