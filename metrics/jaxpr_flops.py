@@ -139,15 +139,14 @@ class _Walk:
     self.uncounted += other.uncounted
 
 
-def _open(jaxpr) -> tuple[Any, int]:
-  """(Jaxpr, number of constvars) of a Jaxpr or ClosedJaxpr."""
-  inner = jaxpr.jaxpr if isinstance(jaxpr, core.ClosedJaxpr) else jaxpr
-  return inner, len(inner.constvars)
+def _open(jaxpr):
+  """The Jaxpr of a Jaxpr or ClosedJaxpr (a closed one's constants are never weights)."""
+  return jaxpr.jaxpr if isinstance(jaxpr, core.ClosedJaxpr) else jaxpr
 
 
 def _walk(jaxpr, views: Sequence[frozenset[int]]) -> _Walk:
   """Counts `jaxpr` (Jaxpr or ClosedJaxpr) whose inputs are views of the given input indices."""
-  jaxpr, _ = _open(jaxpr)
+  jaxpr = _open(jaxpr)
   env: dict[Any, frozenset[int]] = dict(zip(jaxpr.invars, views, strict=True))
 
   def view(x) -> frozenset[int]:
@@ -185,9 +184,9 @@ def _walk(jaxpr, views: Sequence[frozenset[int]]) -> _Walk:
         mesh = eqn.params["mesh"]
         times = math.prod(mesh.shape[a] for a in eqn.params["newly_manual_axes"])
       for sub in core.jaxprs_in_params(eqn.params):
-        inner, _ = _open(sub)
-        matched = len(inner.invars) == len(ins)
-        walk = _walk(sub, ins if matched else [_NONE] * len(inner.invars))
+        n = len(_open(sub).invars)
+        matched = n == len(ins)
+        walk = _walk(sub, ins if matched else [_NONE] * n)
         out.add(walk, times)
         if matched and len(walk.out_views) == len(outs):
           outs = walk.out_views
@@ -205,13 +204,12 @@ def count_jaxpr(jaxpr) -> Count:
   Returns:
     A `Count`.
   """
-  inner, _ = _open(jaxpr)
-  walk = _walk(jaxpr, [frozenset({i}) for i in range(len(inner.invars))])
+  walk = _walk(jaxpr, [frozenset({i}) for i in range(len(_open(jaxpr).invars))])
   return Count(walk.flops, frozenset(walk.matmul_inputs), tuple(dict.fromkeys(walk.uncounted)))
 
 
 def count_flops(fn: Callable[..., Any], *args: Any) -> Count:
-  """Traces `fn(*args)` (arrays or `jax.ShapeDtypeStruct`s; nothing runs) and counts it.
+  """Traces `fn(*args)` (args may be `jax.ShapeDtypeStruct`s: nothing runs) and counts it.
 
   `Count.matmul_inputs` indexes the flattened leaves of `args`, in `jax.tree.leaves(args)` order.
   """
@@ -228,14 +226,13 @@ def unroll_loops(jaxpr):
     The same kind of object; lowered, it has no while loop left except those of `while_loop`s
     with a traced trip count.
   """
-  inner = jaxpr.jaxpr if isinstance(jaxpr, core.ClosedJaxpr) else jaxpr
   eqns = []
-  for eqn in inner.eqns:
+  for eqn in _open(jaxpr).eqns:
     params = {k: _unroll_param(v) for k, v in eqn.params.items()}
-    if eqn.primitive.name == "scan":
-      params["unroll"] = eqn.params["length"]  # An int: `True` would read as 1.
+    if eqn.primitive.name == "scan":  # An int: `True` would read as 1.
+      params["unroll"] = max(1, eqn.params["length"])
     eqns.append(eqn.replace(params=params))
-  inner = inner.replace(eqns=eqns)
+  inner = _open(jaxpr).replace(eqns=eqns)
   return core.ClosedJaxpr(inner, jaxpr.consts) if isinstance(jaxpr, core.ClosedJaxpr) else inner
 
 
