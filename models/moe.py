@@ -7,25 +7,38 @@ Routing ("routing" option):
                  tokens (Zhou et al., 2022); a token may get 0..E experts. Balanced by construction.
 
 Dispatch of top-k assignments ("dispatch" option):
-  capacity  Every expert has C = min(tokens, ceil(capacity_factor * tokens * top_k / experts))
-            slots. Assignments queue choice-major (every token's first choice before any token's
-            second choice), tokens in flattened (batch, seq) order; an assignment past its expert's
-            C-th slot is dropped (it contributes 0, so a token dropped by all its experts passes
-            only through the residual). Positions come from a one-hot cumsum (O(tokens·k·E)
-            memory); tokens move by gather/scatter into [E, C, d] buffers rather than GShard's
-            [tokens, E, C] dispatch einsum, whose memory is O(tokens²) and whose FLOPs grow with E.
+  capacity  Every expert has C = min(m, ceil(capacity_factor * m * top_k / experts)) slots per
+            group of m tokens; an assignment past its expert's C-th slot in its group is dropped
+            (it contributes 0, so a token dropped by all its experts passes only through the
+            residual). Groups and queue order depend on `causal`:
+              encoder (causal=False): one group, the whole flattened (batch, seq) call, queued
+                choice-major (every token's first choice before any token's second choice), as
+                in GShard;
+              decoder (causal=True): one group per sequence, queued token-major (a token's choices
+                in order, then the next position's), so whether a token is dropped depends only
+                on the earlier tokens of its own sequence: exactly causal. Deviation from GShard:
+                a later token's first choice no longer outranks an earlier token's second choice
+                (that priority is what lets a future token evict a past one).
+            Positions come from a one-hot cumsum (O(tokens·k·E) memory); tokens move by
+            gather/scatter into [E, groups·C, d] buffers rather than GShard's [tokens, E, C]
+            dispatch einsum, whose memory is O(tokens²) and whose FLOPs grow with E.
   dropless  Token copies are sorted by expert and the experts run as one grouped matmul
             (`grouped_matmul`): by default the Pallas ragged-matmul kernel on TPU/GPU and
             `jax.lax.ragged_dot` elsewhere (option "grouped_matmul"). Nothing is dropped. XLA:CPU
             lowers ragged_dot to a dense product over every group (FLOPs grow with E; measured in
             experiments/benchmarks/moe.py).
+  auto      (the default) dropless in a decoder, capacity in an encoder. A decoder gets dropless
+            because it is the only dispatch whose outputs are per-token functions: exactly causal,
+            and cached decoding (one token per call) equals the full forward with no extra state.
+            Causal capacity is also causal, but C is computed from the call's length, so a
+            one-token decoding step (C = 1, never full) drops differently from the full forward
+            wherever that drops; `generate` warns (see `MoE.decode_inexact`).
 
 Semantics worth knowing:
-  - Capacity depends on the number of tokens in the call, and assignments compete across the
-    whole flattened batch: with drops, a token's output depends on other tokens (including, for
-    top_k >= 2 or expert_choice, later ones), so a causal decoder is only exactly causal and
-    cached decoding only equals the full forward when nothing is dropped (dropless, or
-    capacity_factor >= num_experts / top_k). Expert choice is never causal; use it in encoders.
+  - Expert choice picks each expert's tokens from the whole call, so a future token changes past
+    outputs: it is an error in a decoder (causal=True, model.kind='decoder'); use it in encoders.
+  - Encoder capacity competes across the whole flattened batch: with drops a token's output
+    depends on every other token of the call, its batch-mates included.
   - Padding tokens are routed like any other and take capacity.
 
 Losses (returned as the second output, already weighted):
@@ -50,14 +63,14 @@ from reslm.models.registry import MLPS, module_options
 from reslm.models.sharding import param
 
 ROUTINGS = ("topk", "expert_choice")
-DISPATCHES = ("capacity", "dropless")
+DISPATCHES = ("auto", "capacity", "dropless")
 GROUPED_MATMULS = ("auto", "xla", "pallas")
 EXPERT_MLPS = ("swiglu", "gelu")
 DEFAULTS = dict(
   num_experts=8,
   top_k=2,
   routing="topk",
-  dispatch="capacity",
+  dispatch="auto",  # dropless in a decoder, capacity in an encoder (module docstring).
   capacity_factor=1.25,
   normalize_gates=False,
   expert_mlp="swiglu",
@@ -109,10 +122,21 @@ def check_options(options: dict) -> None:
     )
 
 
+def check_causal(routing: str, causal: bool, prefix: str = "") -> None:
+  """Expert choice in a causal model is a one-line ValueError (future tokens pick past slots)."""
+  if causal and routing == "expert_choice":
+    raise ValueError(
+      f"{prefix}routing='expert_choice' is not allowed in a causal decoder: each expert picks its "
+      "tokens from the whole sequence, so future tokens change past outputs; use routing='topk' "
+      "(or expert choice in model.kind='encoder')"
+    )
+
+
 def moe_options(cfg) -> dict:
-  """The MoE settings from `model.mlp_options` (flat or under "moe"), validated."""
+  """The MoE settings from `model.mlp_options` (flat or under "moe"), validated for cfg.kind."""
   options = module_options(cfg.mlp_options, "moe", DEFAULTS, setting=SETTING, registry=MLPS)
   check_options(options)
+  check_causal(options["routing"], cfg.kind == "decoder", prefix=f"{SETTING}.")
   return options
 
 
@@ -278,8 +302,11 @@ class MoE(nnx.Module):
     hidden: Hidden width of each expert.
     num_experts: Number of experts E.
     top_k: Experts per token for "topk" routing (unused by expert choice).
-    routing: "topk" or "expert_choice" (see the module docstring).
-    dispatch: "capacity" or "dropless" for top-k routing (expert choice always uses capacity).
+    routing: "topk" or "expert_choice" (see the module docstring; not with causal=True).
+    dispatch: "auto", "capacity" or "dropless" for top-k routing ("auto": dropless if causal,
+      else capacity; expert choice always uses capacity).
+    causal: Whether the MoE sits in a causal decoder: capacity groups per sequence, token-major
+      (see the module docstring), and expert choice is an error.
     capacity_factor: Slots per expert relative to a perfectly balanced load.
     normalize_gates: Renormalise the top-k gates to sum to 1, before capacity drops (with
       top_k=1 the gate is then 1 and the router learns only from the auxiliary losses).
@@ -301,7 +328,8 @@ class MoE(nnx.Module):
     *,
     top_k: int = 2,
     routing: str = "topk",
-    dispatch: str = "capacity",
+    dispatch: str = "auto",
+    causal: bool = False,
     capacity_factor: float = 1.25,
     normalize_gates: bool = False,
     expert_mlp: str = "swiglu",
@@ -328,10 +356,14 @@ class MoE(nnx.Module):
         z_loss_weight=z_loss_weight,
       )
     )
+    if not isinstance(causal, bool):
+      raise ValueError(f"causal={causal!r} is not allowed for moe: True or False")
+    check_causal(routing, causal)
     self.num_experts = num_experts
     self.top_k = top_k
     self.routing = routing
-    self.dispatch = dispatch
+    self.causal = causal
+    self.dispatch = dispatch if dispatch != "auto" else ("dropless" if causal else "capacity")
     self.capacity_factor = capacity_factor
     self.normalize_gates = normalize_gates
     self.aux_loss_weight = aux_loss_weight
@@ -360,8 +392,24 @@ class MoE(nnx.Module):
       rngs=rngs,
     )
 
+  @property
+  def decode_inexact(self) -> str | None:
+    """Why cached decoding (one token per call) differs from the full forward, or None."""
+    if self.routing == "expert_choice":
+      return "expert choice picks each expert's tokens from the whole call"
+    if self.dispatch == "capacity" and self.capacity_factor * self.top_k < self.num_experts:
+      return (
+        f"capacity dispatch (capacity_factor={self.capacity_factor}) drops assignments over each "
+        "expert's capacity in the full forward, but a one-token decoding step never fills an "
+        "expert; use dispatch='dropless' (the decoder default) to decode exactly"
+      )
+    return None
+
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[..., d] -> ([..., d], scalar float32 auxiliary loss)."""
+    """[..., d] -> ([..., d], scalar float32 auxiliary loss).
+
+    With causal=True the leading axes are (batch, seq, ...): capacity groups are the sequences.
+    """
     lead, d = x.shape[:-1], x.shape[-1]
     x_nd = x.reshape(-1, d)
     logits_ne = self.router(x_nd)  # float32 [tokens, experts]
@@ -374,28 +422,40 @@ class MoE(nnx.Module):
       if self.normalize_gates:
         gates_nk = gates_nk / jnp.sum(gates_nk, axis=-1, keepdims=True)
       aux = aux + self.aux_loss_weight * load_balancing_loss(probs_ne, experts_nk)
-      dispatch = self._capacity if self.dispatch == "capacity" else self._dropless
-      y_nd = dispatch(x_nd, gates_nk, experts_nk)
+      if self.dispatch == "capacity":
+        groups = math.prod(lead[:1]) if self.causal and len(lead) > 1 else 1
+        y_nd = self._capacity(x_nd, gates_nk, experts_nk, groups)
+      else:
+        y_nd = self._dropless(x_nd, gates_nk, experts_nk)
     return y_nd.astype(self.dtype).reshape(*lead, d), aux
 
-  def _capacity(self, x_nd, gates_nk, experts_nk):
+  def _capacity(self, x_nd, gates_nk, experts_nk, groups: int):
     n, k = experts_nk.shape
-    e, d = self.num_experts, x_nd.shape[-1]
-    c = capacity(n, e, k, self.capacity_factor)
-    # Assignments choice-major: all first choices queue before any second choice.
-    experts_a = experts_nk.T.reshape(-1)  # [k * n]
-    token_a = jnp.tile(jnp.arange(n), k)  # [k * n]
-    onehot_ae = jax.nn.one_hot(experts_a, e, dtype=jnp.int32)
-    pos_a = jnp.sum((jnp.cumsum(onehot_ae, axis=0) - 1) * onehot_ae, axis=-1)  # queue position
-    keep_a = pos_a < c
-    slot_a = jnp.where(keep_a, experts_a * c + pos_a, e * c)  # e * c: the drop bucket
+    e, d, g = self.num_experts, x_nd.shape[-1], groups
+    m = n // g  # Tokens per group.
+    c = capacity(m, e, k, self.capacity_factor)
+    # Each group's assignments in queue order, [g, a = m * k]: token-major when causal (a token's
+    # slot depends only on the tokens before it), else all first choices before second choices.
+    if self.causal:
+      experts_ga = experts_nk.reshape(g, m * k)
+      token_ga = jnp.arange(n).reshape(g, m, 1).repeat(k, axis=2).reshape(g, m * k)
+    else:
+      experts_ga = experts_nk.T.reshape(1, k * n)
+      token_ga = jnp.tile(jnp.arange(n), k)[None]
+    onehot = jax.nn.one_hot(experts_ga, e, dtype=jnp.int32)  # [g, a, e]
+    pos_ga = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1)  # Queue position.
+    # Expert e's buffer holds group 0's C slots, then group 1's, ...: [E, g * C] slots in all.
+    slot_ga = experts_ga * (g * c) + jnp.arange(g)[:, None] * c + pos_ga
+    slot_ga = jnp.where(pos_ga < c, slot_ga, e * g * c)  # e * g * c: the drop bucket.
+    slot_a, token_a = slot_ga.reshape(-1), token_ga.reshape(-1)
     # Which token fills each slot (n = empty), then gather tokens into per-expert buffers.
-    token_s = jnp.full((e * c + 1,), n, jnp.int32).at[slot_a].set(token_a)[: e * c]
+    token_s = jnp.full((e * g * c + 1,), n, jnp.int32).at[slot_a].set(token_a)[: e * g * c]
     x_pad = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])
-    y_ecd = self.experts(x_pad[token_s].reshape(e, c, d))  # [experts, capacity, d]
-    y_pad = jnp.concatenate([y_ecd.reshape(e * c, d), jnp.zeros((1, d), y_ecd.dtype)])
-    y_knd = y_pad[slot_a].reshape(k, n, d)  # dropped assignments read the zero row
-    return jnp.einsum("nk,knd->nd", gates_nk.astype(y_knd.dtype), y_knd)
+    y_ecd = self.experts(x_pad[token_s].reshape(e, g * c, d))  # [experts, groups * capacity, d]
+    y_pad = jnp.concatenate([y_ecd.reshape(e * g * c, d), jnp.zeros((1, d), y_ecd.dtype)])
+    y_ad = y_pad[slot_a]  # Dropped assignments read the zero row.
+    y_nkd = y_ad.reshape(n, k, d) if self.causal else y_ad.reshape(k, n, d).transpose(1, 0, 2)
+    return jnp.einsum("nk,nkd->nd", gates_nk.astype(y_nkd.dtype), y_nkd)
 
   def _dropless(self, x_nd, gates_nk, experts_nk):
     n, k = experts_nk.shape
@@ -441,6 +501,7 @@ def _build(cfg, *, rngs: nnx.Rngs) -> MoE:
     top_k=o["top_k"],
     routing=o["routing"],
     dispatch=o["dispatch"],
+    causal=cfg.kind == "decoder",
     capacity_factor=o["capacity_factor"],
     normalize_gates=o["normalize_gates"],
     expert_mlp=o["expert_mlp"],

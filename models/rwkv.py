@@ -33,11 +33,10 @@ the state (k = 0) and do not decay it (w = 1), and output zeros, so left padding
 packed sequences are not separated. The time-mix is causal only (the builder raises otherwise).
 
 Channel-mix ("rwkv_cmix" MLP): k = relu(x^k W_k)², out = sigmoid(x^r W_r) ⊙ (k W_v) with a token
-shift lerp. MLPs are called as mlp(x) without a cache, so the shift happens within the call's
-sequence (zero before its first token): exact for full-sequence forwards (training, scoring,
-one-shot prefill) but NOT for token-by-token decoding, where each step would see a zero previous
-token. Decode RWKV models with mlp="swiglu" (or another position-wise MLP); keep rwkv_cmix for
-training-only use. Making it exact needs the block to pass a per-layer MLP cache.
+shift lerp. Its shift needs the previous token's input, so it keeps a decoding state of its own,
+{"shift": [b, D]} (the block passes MLPs that define `init_cache` their cache): with it a call
+continues the sequence, so token-by-token decoding equals the full forward; without it the shift
+starts from zero at the call's first token (training, scoring).
 """
 
 import math
@@ -262,8 +261,8 @@ class RWKV6TimeMix(nnx.Module):
 class RWKVChannelMix(nnx.Module):
   """RWKV channel-mix: sigmoid(x^r W_r) ⊙ (relu(x^k W_k)² W_v), with a token shift lerp.
 
-  The shift is within the input sequence (zero before its first token): exact for full-sequence
-  forwards, wrong for token-by-token decoding (see the module docstring). Inputs are [b, t, D].
+  Inputs are [b, t, D]. Called with a cache (decoding) the shift continues from the cache's last
+  token, so cached decoding equals the full forward.
 
   Args:
     dim: Model width D.
@@ -273,6 +272,8 @@ class RWKVChannelMix(nnx.Module):
     dtype, param_dtype: Compute and storage dtypes.
     rngs: Random streams.
   """
+
+  decode_inexact = None  # The shift state is cached: decoding equals the full forward.
 
   def __init__(
     self,
@@ -291,14 +292,24 @@ class RWKVChannelMix(nnx.Module):
     self.key = Linear(dim, hidden, axes=("embed", "mlp"), init_std=init_std, **kw)
     self.receptance = Linear(dim, dim, axes=("embed", "embed"), init_std=init_std, **kw)
     self.value = Linear(hidden, dim, axes=("mlp", "embed"), init_std=out_init_std, **kw)
+    self.dim = dim
     self.dtype = dtype
 
-  def __call__(self, x_btd: jax.Array) -> jax.Array:
+  def init_cache(self, batch: int, max_len: int = 0) -> dict[str, jax.Array]:
+    """A zero shift state {"shift": [b, D]} (float32); max_len is unused."""
+    del max_len
+    return {"shift": jnp.zeros((batch, self.dim), jnp.float32)}
+
+  def __call__(self, x_btd: jax.Array, *, cache: dict[str, jax.Array] | None = None):
+    """[b, t, D] -> [b, t, D]; with `cache`, returns (output, updated cache)."""
     x = x_btd.astype(self.dtype)
-    dx = token_shift(x) - x
+    dx = token_shift(x, None if cache is None else cache["shift"]) - x
     maa = self.maa[...].astype(self.dtype)
     k = jnp.square(jax.nn.relu(self.key(x + dx * maa[0])))
-    return jax.nn.sigmoid(self.receptance(x + dx * maa[1])) * self.value(k)
+    out = jax.nn.sigmoid(self.receptance(x + dx * maa[1])) * self.value(k)
+    if cache is None:
+      return out
+    return out, {"shift": x[:, -1].astype(jnp.float32)}
 
 
 @MIXERS.register("rwkv")

@@ -52,9 +52,14 @@ class ModelOutput(NamedTuple):
 class Block(nnx.Module):
   """Pre-norm residual block: x + mixer(norm1(x)); x + mlp(norm2(x)).
 
+  Decoding cache: the mixer's cache, or (mixer cache, MLP cache) when the MLP keeps a decoding
+  state of its own (it defines `init_cache`, e.g. rwkv_cmix's token shift); such an MLP is called
+  as mlp(x, cache=c) -> (out, new c) when decoding and as mlp(x) otherwise. Position-wise MLPs
+  need no state and keep the plain mixer cache.
+
   Args:
     mixer: A sequence mixer following the `models.attention.Attention` call convention.
-    mlp: A position-wise module [.., d] -> [.., d].
+    mlp: A position-wise module [.., d] -> [.., d] (or one with `init_cache`, see above).
     norm1, norm2: Normalisation modules.
   """
 
@@ -63,29 +68,39 @@ class Block(nnx.Module):
     self.mlp = mlp
     self.norm1 = norm1
     self.norm2 = norm2
+    self.mlp_cached = hasattr(mlp, "init_cache")
 
   def __call__(self, x_btd, *, positions_bt, segment_ids_bt=None, cache=None, cache_index=None):
+    mixer_cache, mlp_cache = cache if self.mlp_cached and cache is not None else (cache, None)
     # Norm outputs are whole sequences (the mixer and MLP split heads / hidden units instead);
     # the residual stream may be split along the sequence (`residual_seq`: sequence parallelism).
-    h, cache = self.mixer(
+    h, mixer_cache = self.mixer(
       constrain(self.norm1(x_btd), ("batch", "seq", "embed")),
       positions_bt=positions_bt,
       segment_ids_bt=segment_ids_bt,
-      cache=cache,
+      cache=mixer_cache,
       cache_index=cache_index,
     )
     x_btd = constrain(x_btd + h.astype(x_btd.dtype), ("batch", "residual_seq", "embed"))
-    mlp_out = self.mlp(constrain(self.norm2(x_btd), ("batch", "seq", "embed")))
+    y = constrain(self.norm2(x_btd), ("batch", "seq", "embed"))
+    if mlp_cache is not None:
+      mlp_out, mlp_cache = self.mlp(y, cache=mlp_cache)
+    else:
+      mlp_out = self.mlp(y)
     # An MLP may return (output, aux_loss), e.g. a mixture of experts.
     aux = jnp.zeros((), jnp.float32)
     if isinstance(mlp_out, tuple):
       mlp_out, aux = mlp_out
     x_btd = x_btd + mlp_out.astype(x_btd.dtype)
+    cache = (mixer_cache, mlp_cache) if self.mlp_cached and cache is not None else mixer_cache
     return constrain(x_btd, ("batch", "residual_seq", "embed")), cache, aux
 
   def init_cache(self, batch: int, max_len: int):
     init = getattr(self.mixer, "init_cache", None)
-    return init(batch, max_len) if init is not None else None
+    mixer_cache = init(batch, max_len) if init is not None else None
+    if self.mlp_cached:
+      return mixer_cache, self.mlp.init_cache(batch, max_len)
+    return mixer_cache
 
 
 def build_block(

@@ -13,12 +13,9 @@ from tests.models.mixer_checks import (
   check_left_padding,
   check_one_line_error,
   check_state_size_is_constant,
-  decode,
   first_block,
-  logits,
   normal,
   randomize,
-  tokens,
 )
 
 B, T, H, K = 2, 11, 2, 3  # T = 11 is not a multiple of the chunk size 4.
@@ -155,12 +152,13 @@ def test_left_padding_is_invisible(model):
   check_left_padding(model)
 
 
-def test_channel_mix_is_exact_on_whole_sequences_but_not_when_decoding_token_by_token():
-  """rwkv_cmix shifts within each call: right for whole-sequence calls (it matches its definition
-  there), wrong for one-token steps (each sees a zero previous token). The time-mix itself decodes
-  exactly (see above): decode RWKV models with a position-wise MLP such as swiglu."""
+def test_channel_mix_matches_definition_and_decodes_exactly():
+  """rwkv_cmix against its definition on a whole sequence, then inside a model: cached decoding
+  (token by token and after a prompt) equals the full forward, because the block hands the MLP its
+  shift state (before the MLP had no cache, every step saw a zero previous token)."""
   model = randomize(build_model(tiny(mlp="rwkv_cmix")), 0.1)
   cmix = first_block(model).mlp
+  assert cmix.decode_inexact is None
   x = normal((B, T, 32), seed=3)
   p = lambda v: np.asarray(v[...])
   dx = np.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1] - x  # x_{t-1} - x_t, x_{-1} = 0
@@ -169,17 +167,12 @@ def test_channel_mix_is_exact_on_whole_sequences_but_not_when_decoding_token_by_
     1.0 + np.exp(-(x + dx * p(cmix.maa)[1]) @ p(cmix.receptance.kernel))
   )
   np.testing.assert_allclose(nnx.jit(lambda m: m(x))(cmix), ref, atol=2e-5, rtol=1e-4)
-
-  seq = tokens()
-  full = np.asarray(logits(model, seq))  # A whole-sequence call: the shift sees every token.
-  cache, steps = model.init_cache(batch=2, max_len=20), []
-  for t in range(4):
-    out, cache = decode(model, seq[:, t : t + 1], cache, jnp.int32(t))
-    steps.append(np.asarray(out)[:, 0])
-  # The first token has a zero previous token either way; later steps lose the channel-mix shift.
-  np.testing.assert_allclose(steps[0], full[:, 0], atol=2e-5, rtol=1e-5)
-  for t in range(1, 4):
-    assert not np.allclose(steps[t], full[:, t], atol=1e-3)
+  # Split at 4: the second call's shift continues from the cached last input of the first.
+  cache = cmix.init_cache(B)
+  first, cache = nnx.jit(lambda m, c: m(x[:, :4], cache=c))(cmix, cache)
+  second, _ = nnx.jit(lambda m, c: m(x[:, 4:], cache=c))(cmix, cache)
+  np.testing.assert_allclose(np.concatenate([first, second], 1), ref, atol=2e-5, rtol=1e-4)
+  check_causal_and_decoding(model, prefills=(1, 6))
 
 
 @pytest.mark.parametrize(
