@@ -199,26 +199,28 @@ def evaluate_model(model, ref_model, run_cfg, eval_batches: int) -> dict:
 
 
 def zero_fraction(model) -> float:
-  """Fraction of exactly-zero weights over the model's projections (what pruning leaves)."""
+  """Fraction of exactly-zero weights over the model's projections, float or compressed (what
+  pruning leaves, and what a later quantization stage keeps)."""
   import jax
   import jax.numpy as jnp
+  from flax import nnx
 
   from reslm.compress.layers import CompressedLinear
-  from reslm.compress.targets import find_targets
+  from reslm.models.linear import Linear, ProjectOut
 
   zeros = total = 0
-  for t in find_targets(model):
-    if t.kind != "linear":
-      continue
-    if isinstance(t.module, CompressedLinear):
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, CompressedLinear):
       # Stacked layers hold every layer's arrays: map the one-layer dequantization over them.
-      static, k = t.module.static(), t.module.in_features
-      fn = functools.partial(type(t.module).weight, static=static, k=k)
-      for _ in t.module.lead:
+      static, k = module.static(), module.in_features
+      fn = functools.partial(type(module).weight, static=static, k=k)
+      for _ in module.lead:
         fn = jax.vmap(fn)
-      w = fn(t.module.layer_arrays())
+      w = fn(module.layer_arrays())
+    elif isinstance(module, Linear | ProjectOut):
+      w = module.kernel[...]
     else:
-      w = t.module.kernel[...]
+      continue
     zeros += int(jnp.sum(w == 0))
     total += int(w.size)
   return zeros / max(total, 1)

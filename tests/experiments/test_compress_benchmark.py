@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+from flax import nnx
 
 from reslm.metrics import pareto_front
 from tests.shared_runs import pseudo_english
@@ -70,3 +71,27 @@ def test_unknown_row_is_one_line_error(tmp_path):
   proc = _run("--rows=nope", f"--workdir={tmp_path}", "--run=/nonexistent")
   assert proc.returncode != 0
   assert proc.stderr.strip().splitlines()[-1].startswith("error: --rows has 'nope'")
+
+
+def test_zero_fraction_counts_compressed_projections():
+  """Magnitude 50% then int8 on the MLPs: the int8 layers' zeros count (the old count skipped
+  compressed layers and saw only the float ones)."""
+  from experiments.benchmarks.compress import zero_fraction
+  from reslm.compress import apply_rules
+  from reslm.models import build_model
+  from tests.compress.common import CFG
+
+  model = build_model(CFG)
+  apply_rules(model, [{"path": r".*/mlp/.*", "method": "magnitude", "settings": {"sparsity": 0.5}}])
+  mlp = [(b.mlp.gate, b.mlp.up, b.mlp.down) for b in model.layers.groups.blocks]
+  pruned_zeros = sum(int((np.asarray(m.kernel[...]) == 0).sum()) for ms in mlp for m in ms)
+  total = sum(
+    int(np.asarray(var[...]).size)
+    for path, var in nnx.iter_graph(model)
+    if path and path[-1] == "kernel" and isinstance(var, nnx.Param)
+  )
+  before = zero_fraction(model)
+  apply_rules(model, [{"path": r".*/mlp/.*", "method": "int8"}])
+  after = zero_fraction(model)
+  assert pruned_zeros / total <= before < pruned_zeros / total + 0.01  # float: pruned + chance 0s
+  assert pruned_zeros / total <= after < pruned_zeros / total + 0.02  # int8 keeps them
