@@ -3,15 +3,23 @@
 The prompt is prefilled in one call that fills the cache; new tokens are then produced by a
 `jax.lax.scan` whose body runs the model on one token at the next cache slot and samples the
 next token (greedy, temperature, top-k and/or top-p). Nothing returns to Python between tokens.
+
+Decoding that differs from the model's full forward is never silent: `generate` logs one warning
+line per layer whose cached decoding is inexact (`models.decoding.decode_notes`: approximate
+mixers' fallbacks, MoE capacity drops, an int8 KV cache) and refuses models that cannot decode.
 """
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from reslm.models.decoding import check_decodable, decode_notes
+
 _MASKED = -jnp.inf
+_LOG = logging.getLogger(__name__)
 
 
 def sample_logits(
@@ -84,8 +92,10 @@ def generate(
     int32 [batch, prompt_len + max_new_tokens]: prompt followed by the new tokens.
 
   Raises:
-    ValueError: If the total length exceeds the model's maximum or arguments are out of range.
+    ValueError: If the model cannot decode (not a decoder, or a mixer without a cache), the total
+      length exceeds the model's maximum or arguments are out of range.
   """
+  check_decodable(model)
   prompt_bt = jnp.asarray(prompt_bt, jnp.int32)
   b, p = prompt_bt.shape
   total = p + max_new_tokens
@@ -100,6 +110,8 @@ def generate(
       f"max_seq_len={max_len}"
     )
   sample_logits(jnp.zeros((1, 2)), rng, temperature=temperature, top_k=top_k, top_p=top_p)
+  for note in decode_notes(model):
+    _LOG.warning("generate: %s", note)
   graphdef, state = nnx.split(model)
   return _generate(
     graphdef,

@@ -128,6 +128,7 @@ class LongConvMixer(nnx.Module):
   """
 
   name = "long convolution"
+  decode_inexact = None  # Every past input is cached: decoding equals the full forward.
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
     """{"conv": the short conv's zero window, "z": zeros [b, max_len, *z_shape] float32}."""

@@ -132,6 +132,8 @@ class Mamba(nnx.Module):
     rngs: Random streams.
   """
 
+  decode_inexact = None  # The conv + SSM state is cached: decoding equals the full forward.
+
   def __init__(
     self,
     d_model: int,

@@ -20,6 +20,8 @@ class SwiGLU(nnx.Module):
     rngs: Random streams.
   """
 
+  decode_inexact = None  # Position-wise: cached decoding equals the full forward.
+
   def __init__(
     self,
     dim,
@@ -43,6 +45,8 @@ class SwiGLU(nnx.Module):
 
 class GeluMLP(nnx.Module):
   """down(gelu(up(x))) as in GPT-2 and BERT. Arguments as in `SwiGLU`."""
+
+  decode_inexact = None  # Position-wise: cached decoding equals the full forward.
 
   def __init__(
     self,

@@ -129,6 +129,8 @@ class RWKV6TimeMix(nnx.Module):
     rngs: Random streams.
   """
 
+  decode_inexact = None  # The (shift, WKV) state is cached: decoding equals the full forward.
+
   def __init__(
     self,
     d_model: int,

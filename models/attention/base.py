@@ -71,6 +71,10 @@ class Attention(nnx.Module):
   # "int8": `init_cache` stores keys/values as int8 with one float32 scale per token and kv head
   # (set on a model by compress's kv_int8 method); None: the compute dtype.
   kv_cache_quant: str | None = None
+  # Why cached decoding (prefill, then one token per call) differs from the full forward, or None
+  # when it equals it; every mixer and MLP declares it, `models.decoding` collects it for
+  # `generate`. A variant whose cached path approximates differently overrides it.
+  decode_inexact: str | None = None
 
   def __init__(
     self,

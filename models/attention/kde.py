@@ -145,6 +145,11 @@ class KDEAttention(Attention):
     **kwargs: As for `Attention`.
   """
 
+  decode_inexact = (  # For `generate`'s warning (models.decoding).
+    "cached decoding does not reproduce the full forward's sampled estimate (equal only when "
+    "num_samples enumerates every key)"
+  )
+
   def __init__(self, *args, num_samples: int = 32, seed: int = 0, **kwargs):
     for name, value, ok, allowed in (
       ("num_samples", num_samples, isinstance(num_samples, int) and num_samples >= 1, ">= 1"),

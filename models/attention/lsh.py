@@ -69,6 +69,11 @@ class LSHAttention(Attention):
     **kwargs: As for `Attention`.
   """
 
+  decode_inexact = (  # For `generate`'s warning (models.decoding).
+    "decoding attends densely over the cached keys (shared-QK softmax), not within LSH buckets; "
+    "equal only with num_buckets=1 and chunk_size >= the sequence length"
+  )
+
   def __init__(self, *args, num_buckets=8, num_hashes=1, chunk_size=64, seed=0, **kwargs):
     checks = (
       ("num_buckets", num_buckets, lambda n: n == 1 or (n >= 2 and n % 2 == 0), "1 or even >= 2"),

@@ -77,6 +77,8 @@ class MegaAttention(nnx.Module):
     rngs: Random streams.
   """
 
+  decode_inexact = None  # EMA state + KV cache: decoding equals the full forward.
+
   def __init__(
     self,
     d_model: int,

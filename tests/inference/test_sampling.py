@@ -6,6 +6,8 @@ never leave their sets, a row that emits `eos_id` keeps emitting it, and an over
 fails before anything is compiled.
 """
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,3 +190,37 @@ def test_too_long_request_raises_before_compiling(model, prompt, monkeypatch):
 def test_bad_sampling_arguments_raise(kw):
   with pytest.raises(ValueError, match="sampling needs"):
     sample_logits(jnp.zeros((1, 3)), jax.random.key(0), **kw)
+
+
+@pytest.mark.parametrize(
+  ("kw", "names"),
+  [
+    (dict(mixer="lsh"), ["model.mixer=lsh"]),
+    (dict(mlp="moe", mlp_options={"dispatch": "capacity"}), ["model.mlp=moe"]),
+    (dict(mixer="lsh", mlp="moe", mlp_options={"dispatch": "capacity"}), ["lsh", "moe"]),
+    (dict(), []),
+    (dict(mixer="rwkv", mlp="rwkv_cmix"), []),
+    (dict(mlp="moe"), []),  # dropless, the decoder default
+  ],
+)
+def test_generate_warns_one_line_per_inexact_layer(kw, names, caplog, monkeypatch):
+  """LSH's dense decoding fallback and MoE capacity drops are named, one line each, with the
+  reason; exact layers (attention, RWKV with its channel-mix, dropless MoE) stay silent."""
+  monkeypatch.setattr(sampling_lib, "_generate", lambda *a, **k: None)  # Nothing to compile.
+  cfg = ModelConfig(vocab_size=VOCAB, d_model=16, num_layers=2, num_heads=2, max_seq_len=16, **kw)
+  model = nnx.eval_shape(lambda: build_model(cfg))
+  with caplog.at_level(logging.WARNING, logger=sampling_lib.__name__):
+    generate(model, np.ones((1, 3), np.int32), max_new_tokens=2, rng=jax.random.key(0))
+  lines = [r.getMessage() for r in caplog.records]
+  assert len(lines) == len(names)
+  for line, name in zip(lines, names, strict=True):
+    assert name in line and "cached decoding differs from the full forward" in line
+    assert "\n" not in line
+
+
+def test_generate_refuses_a_model_that_cannot_decode():
+  cfg = ModelConfig(vocab_size=VOCAB, d_model=16, num_layers=1, num_heads=2, kind="encoder")
+  encoder = nnx.eval_shape(lambda: build_model(cfg))
+  with pytest.raises(ValueError, match="generation needs a decoder LM") as e:
+    generate(encoder, np.ones((1, 3), np.int32), max_new_tokens=2, rng=jax.random.key(0))
+  assert "\n" not in str(e.value)
