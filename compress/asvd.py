@@ -23,13 +23,15 @@ sorted by loss; a threshold τ admits the triples with loss ≤ τ, and each uni
 admitted ρ (a unit with none stays dense, ρ = 1). τ is the smallest threshold (the fewest, least
 harmful truncations) whose allocation keeps the selected modules within `param_fraction` of their
 dense parameters: a binary search over the sorted list, as in the paper's code, here returning
-exactly that allocation (the released code keeps its last probe, which may be one step off). `search=False`
-gives every unit ρ = `param_fraction` instead (uniform allocation, an ablation).
+exactly that allocation (the released code keeps its last probe, which may be one step off).
+`search=False` gives every unit ρ = `param_fraction` instead (uniform allocation, an ablation).
 
-Deviations: every layer of a `LayerStack` module shares one shape, so a unit is a whole selected
-module with all its stacked layers (one rank for all; in an unrolled model, such as the Tiny
-Shakespeare benchmark's, a unit is one layer's projection, as in the paper). A unit's truncated
-loss is measured with the product a @ b written into its kernel (the function the factored layer
+Deviations: every layer of a `LayerStack` module shares one shape, and every decoder here keeps
+its layers in one (also with `scan_layers=False`), so a unit is a selected module with all its
+stacked layers and one rank for all: one projection kind across the layers (e.g. every layer's
+MLP down-projection; 7 units in the 4-layer Tiny Shakespeare model, not the paper's 28), its
+sensitivity the loss with all those layers truncated together. A unit's truncated loss is
+measured with the product a @ b written into its kernel (the function the factored layer
 computes). Units that a ρ would not shrink (rank(ρ)(K + N) >= K · N) stay dense at that ρ.
 """
 
