@@ -8,6 +8,14 @@ stack holds every group's parameters stacked on a leading `layers` axis and runs
 `jax.lax.scan` (one compiled group) or a Python loop (unrolled), which give the same outputs from
 the same parameters.
 
+Sampled mixers (Reformer's LSH rotations, KDEformer's hashes and samples) declare
+`stochastic = True` and get a PRNG key per call. A training step passes `sample_key` (a fresh key
+per step) to the LM; the stack derives one key per block from it (fold_in of the group and block
+index, so scanned and unrolled stacks draw the same), so every layer and every step samples afresh.
+Without `sample_key` (evaluation, decoding, generation) the blocks derive their keys from a fixed
+key instead: the samples are still distinct per layer but identical on every call, so results are
+deterministic.
+
 Axes: activations [batch, seq, embed]; logits [batch, seq, vocab]; stacked parameters get a
 leading `layers` axis.
 """
@@ -49,8 +57,15 @@ class ModelOutput(NamedTuple):
   hidden: Any = None
 
 
+EVAL_SAMPLE_KEY = 0  # Seed of the fixed key blocks derive their sample keys from without one.
+
+
 class Block(nnx.Module):
   """Pre-norm residual block: x + mixer(norm1(x)); x + mlp(norm2(x)).
+
+  A mixer with `stochastic = True` also receives `sample_key` (its PRNG key for this call); one
+  with `gates_residual = True` (MEGA) also receives the un-normalised residual stream x as
+  `residual_btd` and returns an update that already interpolates towards it.
 
   Decoding cache: the mixer's cache, or (mixer cache, MLP cache) when the MLP keeps a decoding
   state of its own (it defines `init_cache`, e.g. rwkv_cmix's token shift); such an MLP is called
@@ -70,8 +85,22 @@ class Block(nnx.Module):
     self.norm2 = norm2
     self.mlp_cached = hasattr(mlp, "init_cache")
 
-  def __call__(self, x_btd, *, positions_bt, segment_ids_bt=None, cache=None, cache_index=None):
+  def __call__(
+    self,
+    x_btd,
+    *,
+    positions_bt,
+    segment_ids_bt=None,
+    cache=None,
+    cache_index=None,
+    sample_key=None,
+  ):
     mixer_cache, mlp_cache = cache if self.mlp_cached and cache is not None else (cache, None)
+    extra = {}
+    if getattr(self.mixer, "stochastic", False):
+      extra["sample_key"] = sample_key
+    if getattr(self.mixer, "gates_residual", False):
+      extra["residual_btd"] = x_btd
     # Norm outputs are whole sequences (the mixer and MLP split heads / hidden units instead);
     # the residual stream may be split along the sequence (`residual_seq`: sequence parallelism).
     h, mixer_cache = self.mixer(
@@ -80,6 +109,7 @@ class Block(nnx.Module):
       segment_ids_bt=segment_ids_bt,
       cache=mixer_cache,
       cache_index=cache_index,
+      **extra,
     )
     x_btd = constrain(x_btd + h.astype(x_btd.dtype), ("batch", "residual_seq", "embed"))
     y = constrain(self.norm2(x_btd), ("batch", "seq", "embed"))
@@ -127,16 +157,20 @@ class BlockGroup(nnx.Module):
       ]
     )
 
-  def __call__(self, x, *, positions_bt, segment_ids_bt=None, caches=None, cache_index=None):
+  def __call__(
+    self, x, *, positions_bt, segment_ids_bt=None, caches=None, cache_index=None, sample_key=None
+  ):
+    """Applies the blocks; block i of a stochastic mixer samples with fold_in(sample_key, i)."""
     caches = caches if caches is not None else (None,) * len(self.blocks)
     new_caches, aux = [], jnp.zeros((), jnp.float32)
-    for block, cache in zip(self.blocks, caches, strict=True):
+    for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True)):
       x, cache, block_aux = block(
         x,
         positions_bt=positions_bt,
         segment_ids_bt=segment_ids_bt,
         cache=cache,
         cache_index=cache_index,
+        sample_key=None if sample_key is None else jax.random.fold_in(sample_key, i),
       )
       new_caches.append(cache)
       aux = aux + block_aux
@@ -189,12 +223,20 @@ class LayerStack(nnx.Module):
     caches=None,
     cache_index=None,
     return_hidden=False,
+    sample_key=None,
   ):
-    """Returns (x, caches, aux) and, with `return_hidden`, each group's output stacked first."""
+    """Returns (x, caches, aux) and, with `return_hidden`, each group's output stacked first.
+
+    `sample_key`: the stochastic mixers' key for this call (training); None uses a fixed key.
+    Group g's blocks sample with keys derived from fold_in(key, g).
+    """
     graphdef, state = nnx.split(self.groups)
+    if sample_key is None:
+      sample_key = jax.random.key(EVAL_SAMPLE_KEY)
+    group_keys = jax.vmap(lambda g: jax.random.fold_in(sample_key, g))(jnp.arange(self.num_groups))
 
     def body(x, xs):
-      group_state, group_caches = xs
+      group_state, group_caches, group_key = xs
       group = nnx.merge(graphdef, group_state)
       x, new_caches, aux = group(
         x,
@@ -202,6 +244,7 @@ class LayerStack(nnx.Module):
         segment_ids_bt=segment_ids_bt,
         caches=group_caches,
         cache_index=cache_index,
+        sample_key=group_key,
       )
       return x, (new_caches, aux, x if return_hidden else None)
 
@@ -209,11 +252,11 @@ class LayerStack(nnx.Module):
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
 
     if self.scan:
-      x, (new_caches, aux, hidden) = jax.lax.scan(body, x, (state, caches))
+      x, (new_caches, aux, hidden) = jax.lax.scan(body, x, (state, caches, group_keys))
     else:
       outs = []
       for i in range(self.num_groups):
-        xs = jax.tree.map(lambda a, i=i: a[i], (state, caches))
+        xs = jax.tree.map(lambda a, i=i: a[i], (state, caches, group_keys))
         x, out = body(x, xs)
         outs.append(out)
       new_caches, aux, hidden = jax.tree.map(lambda *a: jnp.stack(a), *outs)
@@ -274,6 +317,7 @@ class DecoderLM(nnx.Module):
     cache=None,
     cache_index=None,
     return_hidden: bool = False,
+    sample_key: jax.Array | None = None,
   ) -> ModelOutput:
     """Next-token logits.
 
@@ -285,6 +329,9 @@ class DecoderLM(nnx.Module):
       cache_index: Scalar int, where the input starts in the cache.
       return_hidden: Also return the residual stream after the embedding and after each block
         group (`ModelOutput.hidden`), e.g. for hidden-state distillation.
+      sample_key: PRNG key of the stochastic mixers (LSH rotations, KDEformer samples) for this
+        call; a training step passes a fresh one per step. None (evaluation, decoding): fixed
+        per-layer samples, so the output is deterministic.
 
     Returns:
       A `ModelOutput`.
@@ -300,6 +347,7 @@ class DecoderLM(nnx.Module):
       caches=cache,
       cache_index=cache_index,
       return_hidden=return_hidden,
+      sample_key=sample_key,
     )
     if return_hidden:  # [groups + 1, batch, seq, embed]
       hidden = jnp.concatenate([embedded[None], hidden[0].astype(embedded.dtype)], axis=0)
@@ -340,7 +388,14 @@ class EncoderLM(nnx.Module):
     )
 
   def __call__(
-    self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, cache=None, cache_index=None
+    self,
+    tokens_bt,
+    *,
+    positions_bt=None,
+    segment_ids_bt=None,
+    cache=None,
+    cache_index=None,
+    sample_key=None,
   ) -> ModelOutput:
     """Per-position vocabulary logits; arguments as in `DecoderLM` (no cache)."""
     if cache is not None:
@@ -349,7 +404,9 @@ class EncoderLM(nnx.Module):
     if positions_bt is None:
       positions_bt = _positions(tokens_bt, None)
     x = constrain(self.embed(tokens_bt), ("batch", "residual_seq", "embed"))
-    x, _, aux = self.layers(x, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt)
+    x, _, aux = self.layers(
+      x, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, sample_key=sample_key
+    )
     x = self.final_norm(x)
     x = self.head_norm(jax.nn.gelu(self.head_dense(x)))
     logits = self.embed.attend(x) if self.decoder is None else self.decoder(x).astype(jnp.float32)

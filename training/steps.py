@@ -7,6 +7,10 @@ An `Objective` (e.g. `compress.distill`) replaces the cross-entropy: it sees the
 the batch, its own trainable parameters (kept under `params[OBJECTIVE_PARAMS]`, optimised and
 checkpointed with the model but never merged into it) and frozen arrays passed to the step as a
 third argument (e.g. a teacher's parameters, never differentiated). Without one nothing changes.
+
+Sampled mixers (LSH rotations, KDEformer samples) draw fresh randomness every training step: the
+train step passes the model `sample_key` = fold_in(key(SAMPLE_SEED), step) (and the microbatch
+index under accumulation); the eval step passes none, so evaluation uses fixed samples.
 """
 
 import dataclasses
@@ -87,13 +91,18 @@ def weighted_losses(logits, targets, weights):
   return jnp.sum(ce * w), jnp.sum(w), jnp.sum(correct * w)
 
 
-def _apply(graphdef, params, inputs, forward=None):
+SAMPLE_SEED = 0  # Root of the per-step keys of sampled mixers (see the module docstring).
+
+
+def _apply(graphdef, params, inputs, forward=None, sample_key=None):
   model = nnx.merge(graphdef, model_params(params))
-  return model(inputs) if forward is None else forward(model, inputs)
+  if forward is not None:  # Pipelined / objective forwards sample like evaluation (fixed).
+    return forward(model, inputs)
+  return model(inputs) if sample_key is None else model(inputs, sample_key=sample_key)
 
 
-def _forward(graphdef, params, batch, forward=None):
-  out = _apply(graphdef, params, batch["inputs"], forward)
+def _forward(graphdef, params, batch, forward=None, sample_key=None):
+  out = _apply(graphdef, params, batch["inputs"], forward, sample_key)
   loss_sum, weight, correct = weighted_losses(out.logits, batch["targets"], batch["weights"])
   return loss_sum, weight, correct, out.aux_loss
 
@@ -148,10 +157,10 @@ def make_train_step(
       return grads
     return jax.lax.with_sharding_constraint(grads, grad_shardings)
 
-  def micro_grads(params, batch, frozen):
+  def micro_grads(params, batch, frozen, sample_key):
     def loss_fn(p):
       if objective is None:
-        loss_sum, weight, correct, aux = _forward(graphdef, p, batch, forward)
+        loss_sum, weight, correct, aux = _forward(graphdef, p, batch, forward, sample_key)
         terms = {}
       else:
         out = _apply(graphdef, p, batch["inputs"], forward)
@@ -165,23 +174,27 @@ def make_train_step(
     return place(grads), stats
 
   def train_step(state: TrainState, batch, frozen=None):
+    step_key = jax.random.fold_in(jax.random.key(SAMPLE_SEED), state.step)
     if grad_accum_steps == 1:
-      grads, (loss_sum, weight, correct, terms) = micro_grads(state.params, batch, frozen)
+      grads, (loss_sum, weight, correct, terms) = micro_grads(state.params, batch, frozen, step_key)
     else:
       micro = jax.tree.map(
         lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch
       )
 
-      def body(carry, mb):
+      def body(carry, xs):
         g_acc, s_acc = carry
-        g, s = micro_grads(state.params, mb, frozen)
+        mb, i = xs
+        g, s = micro_grads(state.params, mb, frozen, jax.random.fold_in(step_key, i))
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
       zeros = place(jax.tree.map(jnp.zeros_like, state.params))
       first = jax.tree.map(lambda x: x[0], micro)
-      stats_shape = jax.eval_shape(lambda: micro_grads(state.params, first, frozen)[1])
+      stats_shape = jax.eval_shape(lambda: micro_grads(state.params, first, frozen, step_key)[1])
       stats0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
-      (grads, (loss_sum, weight, correct, terms)), _ = jax.lax.scan(body, (zeros, stats0), micro)
+      (grads, (loss_sum, weight, correct, terms)), _ = jax.lax.scan(
+        body, (zeros, stats0), (micro, jnp.arange(grad_accum_steps))
+      )
 
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)

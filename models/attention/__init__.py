@@ -2,7 +2,7 @@
 
 Importing this package registers every variant in `models.registry.MIXERS`:
 exact (dense, memory_efficient, flash, sliding_window), linear-time (linear, efficient, aft) and
-approximate (lsh, kde, mega).
+approximate (lsh, kde (KDEformer, bidirectional only), sampled (random keys per row), mega).
 """
 
 from reslm.models.attention import (  # noqa: F401  (registration)
@@ -14,6 +14,7 @@ from reslm.models.attention import (  # noqa: F401  (registration)
   lsh,
   mega,
   memory_efficient,
+  sampled,
   sliding_window,
 )
 from reslm.models.attention.base import Attention, MaskInfo, reference_attention

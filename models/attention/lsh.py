@@ -17,19 +17,22 @@ Bucket-aligned chunks: each bucket starts a new chunk (buckets are padded to who
 chunk a token falls in depends only on the earlier tokens of its bucket. The causal model is then
 strictly causal; with Reformer's unaligned chunks a future token's bucket shifts chunk boundaries.
 
-Randomness: the rotations come from `jax.random.key(seed)` folded with the sequence length, so
-they are fixed per layer and length, need no rngs stream and are constants under jit.
+Randomness: as in Reformer, the rotations (one [head_dim, buckets/2] matrix per head and hash
+round) are drawn afresh from the call's key (`stochastic.StochasticAttention`): in training a new key per
+step and layer, so no layer sees the same hashing twice; in evaluation a fixed key per layer, so
+results are deterministic. Under the scanned layer stack each layer's key comes from its index.
 
-Decoding (with a KV cache) is exact shared-QK attention over the cache with the same self rule;
-it equals the full forward when one hash round in one bucket covers every position
-(`num_buckets=1`, `chunk_size >= max_len`), and is a dense fallback otherwise.
+Decoding (with a KV cache, prefill included) is exact shared-QK attention over the cache with the
+same self rule and uses no rotations: it equals the full forward when one hash round in one bucket
+covers every position (`num_buckets=1`, `chunk_size >= max_len`), and is a dense fallback otherwise.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reslm.models.attention.base import NEG_INF, Attention, MaskInfo, attention_kwargs
+from reslm.models.attention.base import NEG_INF, MaskInfo, attention_kwargs
+from reslm.models.attention.stochastic import StochasticAttention
 from reslm.models.registry import MIXERS, mixer_options
 
 SELF_SCORE = -1e5  # Reformer's self-attention score: negligible unless it is the only candidate.
@@ -42,9 +45,8 @@ def normalise(x: jax.Array) -> jax.Array:
   return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, -1, keepdims=True) + 1e-12)).astype(x.dtype)
 
 
-def random_rotations(seed: int, seq_len: int, heads: int, head_dim: int, rounds: int, buckets: int):
-  """The LSH rotations [heads, head_dim, rounds, buckets // 2], fixed by (seed, seq_len)."""
-  key = jax.random.fold_in(jax.random.key(seed), seq_len)
+def random_rotations(key: jax.Array, heads: int, head_dim: int, rounds: int, buckets: int):
+  """The LSH rotations [heads, head_dim, rounds, buckets // 2]: i.i.d. N(0, 1) from `key`."""
   return jax.random.normal(key, (heads, head_dim, rounds, max(buckets // 2, 1)), jnp.float32)
 
 
@@ -58,17 +60,18 @@ def hash_buckets(k_hat: jax.Array, rotations: jax.Array, num_buckets: int) -> ja
   return jnp.argmax(jnp.concatenate([proj, -proj], -1), -1).astype(jnp.int32)
 
 
-class LSHAttention(Attention):
+class LSHAttention(StochasticAttention):
   """Shared-QK attention restricted to LSH buckets and neighbouring sorted chunks.
 
   Args:
     num_buckets: Hash buckets per round; 1 or an even number.
     num_hashes: Hash rounds combined by their log-sum-exp.
     chunk_size: Sorted-chunk length; each query sees its chunk and the previous one.
-    seed: Seed of the random rotations.
+    seed: Folded into the key of the random rotations.
     **kwargs: As for `Attention`.
   """
 
+  variant = "lsh"
   decode_inexact = (  # For `generate`'s warning (models.decoding).
     "decoding attends densely over the cached keys (shared-QK softmax), not within LSH buckets; "
     "equal only with num_buckets=1 and chunk_size >= the sequence length"
@@ -79,16 +82,14 @@ class LSHAttention(Attention):
       ("num_buckets", num_buckets, lambda n: n == 1 or (n >= 2 and n % 2 == 0), "1 or even >= 2"),
       ("num_hashes", num_hashes, lambda n: n >= 1, ">= 1"),
       ("chunk_size", chunk_size, lambda n: n >= 1, ">= 1"),
-      ("seed", seed, lambda n: True, "any value"),
     )
     for name, value, ok, allowed in checks:
       if not isinstance(value, int) or isinstance(value, bool) or not ok(value):
         raise ValueError(f"{name}={value!r} is not allowed for lsh: an integer, {allowed}")
-    super().__init__(*args, **kwargs)
+    super().__init__(*args, seed=seed, **kwargs)
     self.num_buckets = num_buckets
     self.num_hashes = num_hashes
     self.chunk_size = chunk_size
-    self.seed = seed
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
     """Shared-QK keys and values per query head, {"k", "v"}: [batch, max_len, heads, head_dim]."""
@@ -96,14 +97,15 @@ class LSHAttention(Attention):
     dtype = dtype or self.dtype
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-  def mix(self, q, k, v, *, segment_ids_bt=None, cache=None, cache_index=None):
+  def mix(self, q, k, v, *, segment_ids_bt=None, cache=None, cache_index=None, key=None):
     del k  # Shared-QK: the keys are the normalised queries.
     v = jnp.repeat(v, self.num_heads // self.num_kv_heads, axis=2)  # [b, t, h, d]
     if cache is None:
       b, t = q.shape[:2]
       pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
       info = MaskInfo(pos, pos, jnp.ones((b, t), bool), segment_ids_bt, segment_ids_bt, self.causal)
-      return self.lsh(q, normalise(q), v, info), None
+      key = self.call_key(None) if key is None else key
+      return self.lsh(q, normalise(q), v, info, key), None
     # Decoding: the shell writes the cache and calls `attend`, the dense fallback.
     return super().mix(
       q, normalise(q), v, segment_ids_bt=segment_ids_bt, cache=cache, cache_index=cache_index
@@ -113,11 +115,14 @@ class LSHAttention(Attention):
     """Dense shared-QK attention over the KV cache (decoding only)."""
     return dense_shared_qk(q, k, v, info)
 
-  def lsh(self, q, k, v, info: MaskInfo) -> jax.Array:
-    """LSH attention of queries [b, t, h, d] over shared-QK keys and values [b, t, h, d]."""
+  def lsh(self, q, k, v, info: MaskInfo, key: jax.Array) -> jax.Array:
+    """LSH attention of queries [b, t, h, d] over shared-QK keys and values [b, t, h, d].
+
+    The rotations are drawn from `key` (one per head and hash round).
+    """
     b, t, h, d = q.shape
     c, nb, r = self.chunk_size, self.num_buckets, self.num_hashes
-    rot = random_rotations(self.seed, t, h, d, r, nb)
+    rot = random_rotations(key, h, d, r, nb)
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [b, h, t, d]
     buckets = hash_buckets(k, rot, nb)  # [b, h, r, t]
 

@@ -10,8 +10,15 @@ Algorithm, for an input X [b, t, D]:
      scalings of Z: Q = κ_q ⊙ Z + μ_q, K = κ_k ⊙ Z + μ_k; values V = silu(X W_v).
   3. Single-head softmax attention O = softmax(QKᵀ/√z) V, either over the whole sequence
      (`chunk_size` 0, O(T²)) or only within chunks of `chunk_size` c (O(cTz)).
-  4. Gates: reset r = sigmoid(X' W_r), update u = sigmoid(X' W_u);
-     Ĥ = silu(X' W_h + (r ⊙ O) U_h); output Y = u ⊙ Ĥ + (1 - u) ⊙ X.
+  4. Gates: reset r = silu(X' W_r), update u = sigmoid(X' W_u) (as in the paper, eq. 13-16, and
+     the official fairseq code: r and Z share one SiLU projection there);
+     Ĥ = silu(X' W_h + (r ⊙ O) U_h); layer output Y = u ⊙ Ĥ + (1 - u) ⊙ X.
+
+X in step 4 is the residual stream itself: the official layer normalises its input for steps 1-3
+but interpolates towards the un-normalised residual, and the layer output replaces the residual
+(no second skip). In this codebase's pre-norm block (x + mixer(norm(x))) the layer therefore takes
+the residual stream as `residual_btd` (the block passes it: `gates_residual = True`) and returns
+the update u ⊙ (Ĥ - X), so the block's x + update is exactly Y.
 
 Same call convention as `Attention`. RoPE is not used (the EMA carries position); MEGA's relative
 position bias is left out. An encoder (causal=False) gets bidirectional attention but keeps the
@@ -64,6 +71,9 @@ def chunk_mask(q_pos, kv_pos, chunk_size: int, causal: bool) -> jax.Array:
 class MegaAttention(nnx.Module):
   """One MEGA layer: damped EMA, then single-head gated (optionally chunked) attention.
 
+  Called with the normalised input and the residual stream X (`residual_btd`), it returns the
+  residual update u ⊙ (Ĥ - X); X + update is MEGA's output u ⊙ Ĥ + (1 - u) ⊙ X.
+
   Args:
     d_model: Model width D.
     ndim: EMA expansion dimension per channel.
@@ -76,8 +86,6 @@ class MegaAttention(nnx.Module):
     param_dtype: Storage dtype.
     rngs: Random streams.
   """
-
-  decode_inexact = None  # EMA state + KV cache: decoding equals the full forward.
 
   def __init__(
     self,
@@ -154,8 +162,33 @@ class MegaAttention(nnx.Module):
       "v": jnp.zeros((batch, max_len, self.d_model), dtype),
     }
 
-  def __call__(self, x_btd, *, positions_bt, segment_ids_bt=None, cache=None, cache_index=None):
-    """Applies the layer; arguments and returns as in `Attention.__call__`."""
+  gates_residual = True  # The block passes the residual stream as `residual_btd`.
+  decode_inexact = None  # EMA state + KV cache: decoding equals the full forward.
+
+  def __call__(
+    self,
+    x_btd,
+    *,
+    positions_bt,
+    segment_ids_bt=None,
+    cache=None,
+    cache_index=None,
+    residual_btd=None,
+  ):
+    """Applies the layer; arguments as in `Attention.__call__`.
+
+    Args:
+      x_btd: The (normalised) layer input, [b, t, D].
+      positions_bt: Unused (the EMA carries position information).
+      segment_ids_bt: Must be None.
+      cache: Optional decoding cache from `init_cache`.
+      cache_index: Scalar int, the cache slot of the first input token.
+      residual_btd: The residual stream X the update gate interpolates towards, [b, t, D];
+        default x_btd (a standalone layer whose input is its residual).
+
+    Returns:
+      (the residual update u ⊙ (Ĥ - X) [b, t, D], updated cache or None).
+    """
     del positions_bt  # The EMA carries position information.
     if segment_ids_bt is not None:
       raise ValueError("mega attention does not support segment_ids (packed sequences)")
@@ -180,11 +213,11 @@ class MegaAttention(nnx.Module):
       o = self.attend_cached(q, k_all, v_all, index)
       new_cache = {"ema": state, "k": k_all, "v": v_all}
 
-    r = jax.nn.sigmoid(self.reset(xp))
+    r = jax.nn.silu(self.reset(xp))
     u = jax.nn.sigmoid(self.update(xp))
     h_hat = jax.nn.silu(self.hx(xp) + self.h(r * o.astype(self.dtype)))
-    y = u * h_hat + (1.0 - u) * x_btd.astype(self.dtype)
-    return y.astype(self.dtype), new_cache
+    residual = (x_btd if residual_btd is None else residual_btd).astype(self.dtype)
+    return (u * (h_hat - residual)).astype(self.dtype), new_cache
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Single-head softmax attention [b, t, D] within chunks, or over everything when c is 0.
