@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints in and out: safetensors weights, config.json and tokenizer.json."""
