@@ -19,6 +19,7 @@ ROOMS = (
   "training",
   "metrics",
   "inference",
+  "hf",
 )
 
 packages = [

@@ -25,6 +25,7 @@ ROOMS = (
   "training",
   "metrics",
   "inference",
+  "hf",
 )
 
 USER_SCRIPT = """
