@@ -251,8 +251,7 @@ class KDEAttention(StochasticAttention):
 
   variant = "kde"
   decode_inexact = (  # For `generate`'s warning (models.decoding).
-    "cached decoding does not reproduce the full forward's sampled estimate (equal only when "
-    "num_samples enumerates every key)"
+    "KDEformer is bidirectional (encoder only): it has no cached decoding"
   )
 
   def __init__(self, *args, num_samples=32, block_size=64, num_projs=4, seed=0, **kwargs):

@@ -4,7 +4,9 @@
       --workdir=/tmp/ablate_attention
 
 `:smoke` runs every arm for a few steps on MQAR only (for tests). Arms whose variant is not
-registered are reported as errors and the sweep continues.
+registered are reported as errors and the sweep continues. Rerun chosen arms with
+`--arms=linear,mega` (a finished arm is reused: delete its <workdir>/<task>/<arm> to retrain it).
+Linear, efficient and AFT run without RoPE (their papers' form; `rope=True` is an option).
 """
 
 ARMS = {
@@ -18,8 +20,9 @@ ARMS = {
   # Buckets are padded to whole chunks, so on these 32/64-token tasks the defaults (8 buckets x
   # 64-token chunks) would attend over ~550 slots; 4 x 16 keeps the padding at <= 64 slots.
   "lsh": {"model.mixer": "lsh", "model.mixer_options": {"num_buckets": 4, "chunk_size": 16}},
-  # The default 32 samples would enumerate every key of a 32-token MQAR sequence (exact attention).
-  "kde_8": {"model.mixer": "kde", "model.mixer_options": {"num_samples": 8}},
+  # Per-row random-key importance sampling (KDEformer, 'kde', is bidirectional only). The default
+  # 32 samples would enumerate every key of a 32-token MQAR sequence (exact attention).
+  "sampled_8": {"model.mixer": "sampled", "model.mixer_options": {"num_samples": 8}},
   "mega": {"model.mixer": "mega"},
 }
 
