@@ -1,6 +1,7 @@
 """Decode cost per generated token against context length, for every mixer with a decoding state.
 
   python -m experiments.benchmarks.decode [--mixers=dense,mamba,rwkv] [--contexts=1024,...,16384]
+  python -m experiments.benchmarks.decode --mixers=dense:int8,dense:int8_whole  # int8 KV cache
 
 For each mixer and context length L a one-layer decoder LM (width 256, 4 heads, float32) holds a
 decoding state sized for L + 1 tokens and generates the token at position L. Per step it reports
@@ -11,6 +12,11 @@ decoding state sized for L + 1 tokens and generates the token at position L. Per
     updated in place rather than copied).
 Ratios are against the shortest context of the same mixer, measured in the same run. Writes
 results/decode.json and results/decode.png; a run with `--mixers` updates those mixers' rows.
+
+`<mixer>:int8` decodes with the int8 KV cache (compress's kv_int8 rule), attended from its codes
+(`models.attention.base.int8_attention`); `<mixer>:int8_whole` is the path it replaced, which
+dequantises the whole cache to float every step before attending (kept as a baseline by setting
+`softmax_decode = False` on the mixers).
 """
 
 import json
@@ -32,6 +38,7 @@ flags.DEFINE_string("out", os.path.join(os.path.dirname(__file__), "results"), "
 FLAGS = flags.FLAGS
 
 OPTIONS = {"sliding_window": {"window": 256}}
+KV_MODES = ("", "int8", "int8_whole")  # After a colon in --mixers: the KV cache's storage.
 
 
 def _step_fn(mixer: str, context: int):
@@ -42,6 +49,7 @@ def _step_fn(mixer: str, context: int):
 
   from reslm.models import ModelConfig, build_model
 
+  mixer, _, kv = mixer.partition(":")
   cfg = ModelConfig(
     vocab_size=256,
     d_model=FLAGS.d_model,
@@ -52,6 +60,8 @@ def _step_fn(mixer: str, context: int):
     mixer_options=OPTIONS.get(mixer, {}),
   )
   model = build_model(cfg)
+  if kv:
+    _int8_kv(model, whole=kv == "int8_whole")
   graphdef, state = nnx.split(model)
   cache = model.init_cache(1, context + 1)
 
@@ -61,6 +71,16 @@ def _step_fn(mixer: str, context: int):
 
   fn = jax.jit(step, donate_argnums=1)
   return fn, (state, cache, jnp.zeros((1, 1), jnp.int32), jnp.int32(context))
+
+
+def _int8_kv(model, *, whole: bool):
+  """The int8 KV cache on every mixer; `whole`: dequantise it whole each step (the old path)."""
+  from reslm.compress import apply_rules
+
+  apply_rules(model, [{"path": r".*/mixer", "method": "kv_int8"}])
+  if whole:
+    for block in model.layers.groups.blocks:
+      block.mixer.softmax_decode = False
 
 
 def _compile(mixer: str, context: int):
@@ -128,8 +148,8 @@ def main(argv):
     with open(json_path) as f:  # A partial rerun updates its mixers and keeps the others.
       results = json.load(f)["results"]
   for mixer in FLAGS.mixers:
-    if mixer not in MIXERS:
-      print(f"{mixer}: not registered, skipped")
+    if mixer.partition(":")[0] not in MIXERS or mixer.partition(":")[2] not in KV_MODES:
+      print(f"{mixer}: not a registered mixer (with an optional :int8 / :int8_whole), skipped")
       continue
     rows = _measure_all(mixer, contexts)
     for row in rows:

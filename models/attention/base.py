@@ -9,6 +9,7 @@ Parameters: q (embed, heads, head_dim), k/v (embed, kv_heads, head_dim), o (head
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,11 @@ class Attention(nnx.Module):
   # when it equals it; every mixer and MLP declares it, `models.decoding` collects it for
   # `generate`. A variant whose cached path approximates differently overrides it.
   decode_inexact: str | None = None
+  # Whether `attend` against a cache is exact softmax attention under `decode_mask(info)`; then an
+  # int8 KV cache is attended straight from its codes (`int8_attention`, no float copy of the
+  # cache). Otherwise (a variant that estimates attention) the int8 cache is dequantised whole and
+  # handed to `attend`.
+  softmax_decode: bool = False
 
   def __init__(
     self,
@@ -190,25 +196,46 @@ class Attention(nnx.Module):
     if segment_ids_bt is not None:
       raise ValueError("segment_ids are not supported together with a KV cache")
     index = jnp.asarray(cache_index, jnp.int32)
-    if "k_scale" in cache:  # int8 cache: write codes and scales, attend over the dequantized values
+    s = cache["k"].shape[1]
+    kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    q_pos = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    info = MaskInfo(q_pos, kv_pos, kv_pos < index + t, None, None, self.causal)
+    if "k_scale" in cache:  # int8 cache: quantise the call's keys/values, write them.
+      (k_codes, k_scale), (v_codes, v_scale) = quantize_kv(k), quantize_kv(v)
+      out = None
+      if self.softmax_decode:
+        # Attend over the codes: the cache as it was (slots before index) and the call's own
+        # quantised tokens, the keys the written cache will hold. Reading the cache before the
+        # write (ordered by the barrier) lets XLA update it in place; a read of the written cache
+        # or an unordered one makes XLA copy the whole cache (measured: 2.3x the step's bytes).
+        before = MaskInfo(q_pos, kv_pos, kv_pos < index, None, None, self.causal)
+        itself = MaskInfo(q_pos, q_pos, jnp.ones((b, t), bool), None, None, self.causal)
+        segments = [
+          (*(cache[n] for n in ("k", "k_scale", "v", "v_scale")), self.decode_mask(before)),
+          (k_codes, k_scale, v_codes, v_scale, self.decode_mask(itself)),
+        ]
+        out = int8_attention(q, segments)
+        cache, out = jax.lax.optimization_barrier((cache, out))
       new_cache = {}
-      for name, x in (("k", k), ("v", v)):
-        codes, scales = quantize_kv(x)
+      for name, codes, scales in (("k", k_codes, k_scale), ("v", v_codes, v_scale)):
         new_cache[name] = jax.lax.dynamic_update_slice(cache[name], codes, (0, index, 0, 0))
         new_cache[f"{name}_scale"] = jax.lax.dynamic_update_slice(
           cache[f"{name}_scale"], scales, (0, index, 0)
         )
+      if out is not None:
+        return out, new_cache
+      # A variant that estimates attention gets the dequantised cache (a float copy of it).
       k_all, v_all = (new_cache[n] * new_cache[f"{n}_scale"][..., None] for n in ("k", "v"))
     else:
       k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
       v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
       new_cache = {"k": k_all, "v": v_all}
-    s = k_all.shape[1]
-    kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    q_pos = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
-    info = MaskInfo(q_pos, kv_pos, kv_pos < index + t, None, None, self.causal)
     out = self.attend(q, k_all.astype(self.dtype), v_all.astype(self.dtype), info)
     return out, new_cache
+
+  def decode_mask(self, info: MaskInfo) -> jax.Array:
+    """The keys `attend` lets each query see against a cache, bool [b, q_len, kv_len]."""
+    return info.dense_mask()
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo) -> jax.Array:
     """The attention core; variants override this. Shapes as in `reference_attention`."""
@@ -220,6 +247,103 @@ def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
   scales = jnp.where(amax > 0, amax / 127.0, 1.0)
   return jnp.clip(jnp.round(x / scales[..., None]), -127, 127).astype(jnp.int8), scales
+
+
+FUSED_QUERIES = 16  # Calls with up to this many queries (decoding) read the int8 codes directly.
+INT8_KEY_BLOCK = 512  # Longer calls (a prefill) dequantise this many keys at a time.
+
+
+def int8_attention(q: jax.Array, segments, *, key_block: int = INT8_KEY_BLOCK) -> jax.Array:
+  """`reference_attention` over int8 keys/values, dequantised inside the attention.
+
+  k_j = k_codes_j · k_scale_j per (token, kv head), so q·k_j = (q·k_codes_j) · k_scale_j: scores
+  come from the codes and the key scales scale the [.., kv_len] scores; Σ_j p_j v_j =
+  Σ_j (p_j · v_scale_j) v_codes_j: the value scales fold into the softmax weights. The keys may
+  come in several segments (e.g. the cache before this call and the call's own tokens), attended
+  jointly: one softmax over all of them. No float copy of a segment is made:
+    - up to FUSED_QUERIES queries (decoding steps): both contractions are multiply-reduces over the
+      codes in their stored [b, s, kv_heads, d] layout, which XLA fuses with the int8 -> float
+      conversion, so a step reads the cache once, as int8 (experiments/benchmarks/decode.py
+      measures the bytes against dequantising the cache whole);
+    - more queries (a prefill, compute-bound): an online softmax over blocks of `key_block` keys
+      that converts one block at a time to float and contracts it with matmuls.
+  Softmax statistics are float32 throughout (the reference's scores are float32 too).
+
+  Args:
+    q: Queries, [b, t, heads, d].
+    segments: (k_codes, k_scale, v_codes, v_scale, mask) tuples: int8 codes [b, s, kv_heads, d],
+      float32 scales [b, s, kv_heads] and which keys each query sees, bool [b, t, s].
+    key_block: Keys per block of the prefill schedule.
+
+  Returns:
+    [b, t, heads, d] in q's dtype; rows that see no key at all are zeros.
+  """
+  b, t, h, d = q.shape
+  g = segments[0][0].shape[2]
+  q32 = q.astype(jnp.float32).reshape(b, t, g, h // g, d) * d**-0.5
+  part = _int8_fused if t <= FUSED_QUERIES else functools.partial(_int8_blocks, key_block=key_block)
+  parts = [part(q32, *segment) for segment in segments]  # (max, sum, weighted values) each
+  top = functools.reduce(jnp.maximum, [m for m, _, _ in parts])  # [b, t, g, r]
+  total = sum(n * jnp.exp(m - top) for m, n, _ in parts)
+  out = sum(acc * jnp.exp(m - top)[..., None] for m, _, acc in parts)
+  out = out / jnp.maximum(total, 1e-30)[..., None]  # Rows that see nothing: 0 / 0 -> 0.
+  return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def _int8_fused(q, k_codes, k_scale, v_codes, v_scale, mask):
+  """One segment's softmax statistics by fused multiply-reduces over the codes.
+
+  q: [b, t, g, r, d] (scaled). Returns max and sum [b, t, g, r] and Σ weight · value [.., d].
+  """
+  f32 = jnp.float32
+  # [b, s, t, g, r]: keys lead, in the codes' own layout (a transposed read would copy them).
+  scores = jnp.sum(q[:, None] * k_codes[:, :, None, :, None, :].astype(f32), -1)
+  scores = scores * k_scale[:, :, None, :, None]
+  visible = mask.transpose(0, 2, 1)[..., None, None]  # [b, s, t, 1, 1]
+  top = jnp.max(jnp.where(visible, scores, NEG_INF), 1)  # [b, t, g, r]
+  weights = jnp.where(visible, jnp.exp(scores - top[:, None]), 0.0)
+  total = weights.sum(1)
+  weights = weights * v_scale[:, :, None, :, None]
+  out = jnp.sum(weights[..., None] * v_codes[:, :, None, :, None, :].astype(f32), 1)
+  return top, total, out
+
+
+def _int8_blocks(q, k_codes, k_scale, v_codes, v_scale, mask, *, key_block):
+  """One segment's softmax statistics by an online softmax over blocks of keys.
+
+  A scan carries the running max, sum and weighted values (flash attention's recurrence); each
+  block is dequantised in the loop body, so one block exists in float. Same returns as
+  `_int8_fused`.
+  """
+  b, t, g, r, d = q.shape
+  s = k_codes.shape[1]
+  c = min(key_block, s)
+  pad = -s % c
+  widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)  # noqa: E731
+  k_codes, k_scale, v_codes, v_scale = (
+    jnp.pad(x, widths(x)) for x in (k_codes, k_scale, v_codes, v_scale)
+  )
+  mask = jnp.pad(mask, [(0, 0), (0, 0), (0, pad)])  # Padded keys are invisible.
+
+  def block(carry, start):
+    top, total, acc = carry  # [b, t, g, r], [b, t, g, r], [b, t, g, r, d]
+    cut = lambda x, axis=1: jax.lax.dynamic_slice_in_dim(x, start, c, axis)  # noqa: E731
+    k = cut(k_codes).astype(jnp.float32) * cut(k_scale)[..., None]  # [b, c, g, d]
+    v = cut(v_codes).astype(jnp.float32) * cut(v_scale)[..., None]
+    visible = cut(mask, 2)[:, :, None, None]  # [b, t, 1, 1, c]
+    scores = jnp.einsum("btgrd,bcgd->btgrc", q, k)
+    new_top = jnp.maximum(top, jnp.max(jnp.where(visible, scores, NEG_INF), -1))
+    p = jnp.where(visible, jnp.exp(scores - new_top[..., None]), 0.0)
+    fix = jnp.exp(top - new_top)
+    acc = acc * fix[..., None] + jnp.einsum("btgrc,bcgd->btgrd", p, v)
+    return (new_top, total * fix + p.sum(-1), acc), None
+
+  init = (
+    jnp.full((b, t, g, r), NEG_INF, jnp.float32),
+    jnp.zeros((b, t, g, r), jnp.float32),
+    jnp.zeros((b, t, g, r, d), jnp.float32),
+  )
+  return jax.lax.scan(block, init, jnp.arange(0, s + pad, c))[0]
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

@@ -21,6 +21,8 @@ class DenseAttention(Attention):
     **kwargs: As for `Attention`.
   """
 
+  softmax_decode = True  # Exact softmax: an int8 KV cache is attended from its codes.
+
   def __init__(self, *args, implementation: str = "xla", **kwargs):
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(

@@ -249,6 +249,8 @@ class FlashAttention(Attention):
     **kwargs: As for `Attention`.
   """
 
+  softmax_decode = True  # Exact softmax: an int8 KV cache is attended from its codes.
+
   def __init__(
     self,
     *args,

@@ -99,6 +99,8 @@ class MemoryEfficientAttention(Attention):
     **kwargs: As for `Attention`.
   """
 
+  softmax_decode = True  # Exact softmax: an int8 KV cache is attended from its codes.
+
   def __init__(self, *args, block_q: int = 128, block_k: int = 128, **kwargs):
     self.block_q = check_positive("memory_efficient", "block_q", block_q)
     self.block_k = check_positive("memory_efficient", "block_k", block_k)

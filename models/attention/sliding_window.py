@@ -96,14 +96,19 @@ class SlidingWindowAttention(Attention):
     **kwargs: As for `Attention`.
   """
 
+  softmax_decode = True  # Exact softmax under `decode_mask`: int8 KV is attended from its codes.
+
   def __init__(self, *args, window: int = 256, **kwargs):
     self.window = check_positive("sliding_window", "window", window)
     super().__init__(*args, **kwargs)
 
+  def decode_mask(self, info: MaskInfo) -> jax.Array:
+    """The cache masked by position: the usual mask and the band."""
+    return info.dense_mask() & band_mask(info.q_pos, info.kv_pos, self.window, self.causal)
+
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo) -> jax.Array:
     if q.shape[1] != k.shape[1]:  # Decoding against a KV cache: mask the cache by position.
-      mask = info.dense_mask() & band_mask(info.q_pos, info.kv_pos, self.window, self.causal)
-      return reference_attention(q, k, v, mask)
+      return reference_attention(q, k, v, self.decode_mask(info))
     return banded_attention(q, k, v, info, self.window)
 
 
