@@ -460,8 +460,8 @@ def test_decoder_default_dispatch_is_dropless_and_encoder_default_is_capacity():
   ],
 )
 def test_decoder_moe_is_causal(options):
-  """No future token changes a past logit; fails before the fix (capacity competed across the
-  whole batch, choice-major), with a default decoder too (capacity, factor 1.25)."""
+  """No future token changes a past logit. The capacity cases (half the assignments dropped) fail
+  before the fix, when capacity competed across the whole batch, choice-major."""
   cfg = ModelConfig(**{**TINY, "num_layers": 2}, mlp_options={"num_experts": E, **options})
   model = randomize(build_model(cfg), 0.3)
   x = mixer_tokens(b=2, t=14)
