@@ -13,11 +13,16 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from reslm.models.embeddings import RopeScaling
 from reslm.models.registry import MIXERS, MLPS, NORMS, freeze_options, thaw_options
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 KINDS = ("decoder", "encoder")
-POSITIONS = ("rope", "none")
+POSITIONS = ("rope", "learned", "none")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+ATTENTION_BIASES = ("none", "qkv", "all")
+NORM_POSITIONS = ("pre", "post")
+ACTIVATIONS = ("auto", "silu", "gelu", "gelu_tanh", "relu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "everything")
 
 
@@ -37,10 +42,23 @@ def get_default_config() -> ml_collections.ConfigDict:
       mixer_options={},  # Flat keys, or per mixer: {"mamba": {...}, "flash": {...}}.
       mlp="swiglu",
       mlp_options={},  # Flat keys, or per MLP name.
+      mlp_activation="auto",  # auto (silu for swiglu, gelu_tanh for gelu) | silu | gelu | ...
+      mlp_bias=False,  # Biases on SwiGLU's gate/up/down (Llama's mlp_bias); gelu always has them.
+      attention_bias="none",  # none | qkv (Qwen2) | all (q, k, v and o: GPT-2, BERT)
       norm="rmsnorm",
       norm_eps=1e-6,
-      position="rope",
+      norm_position="pre",  # pre: x + f(norm(x)), final norm; post: norm(x + f(x)) (BERT)
+      embed_norm=False,  # A norm right after the embeddings (BERT).
+      position="rope",  # rope | learned (a table, GPT-2 / BERT) | none
+      position_offset=0,  # learned: position p reads row p + offset (RoBERTa: 2).
       rope_theta=10_000.0,
+      rope_scaling="none",  # none | linear | llama3 (Llama 3.1's frequency-dependent scaling)
+      rope_scaling_factor=1.0,  # linear, llama3: how much longer the context becomes
+      rope_low_freq_factor=1.0,  # llama3
+      rope_high_freq_factor=4.0,  # llama3
+      rope_original_max_len=8192,  # llama3: the context length the model was trained at
+      type_vocab_size=0,  # Token-type (segment) embeddings (BERT: 2); 0 = none.
+      pooler=False,  # encoder: BERT's pooler, tanh(dense(first token's hidden state)).
       max_seq_len=2048,
       tie_embeddings=True,
       init_std=0.02,
@@ -72,10 +90,23 @@ class ModelConfig:
   mixer_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   mlp: str = "swiglu"
   mlp_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  mlp_activation: str = "auto"
+  mlp_bias: bool = False
+  attention_bias: str = "none"
   norm: str = "rmsnorm"
   norm_eps: float = 1e-6
+  norm_position: str = "pre"
+  embed_norm: bool = False
   position: str = "rope"
+  position_offset: int = 0
   rope_theta: float = 10_000.0
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  type_vocab_size: int = 0
+  pooler: bool = False
   max_seq_len: int = 2048
   tie_embeddings: bool = True
   init_std: float = 0.02
@@ -135,6 +166,24 @@ class ModelConfig:
     return math.lcm(len(self.mixer_pattern), len(self.mlp_pattern))
 
   @property
+  def position_rows(self) -> int:
+    """Rows of the learned position table: max_seq_len positions after position_offset."""
+    return self.max_seq_len + self.position_offset
+
+  @property
+  def rope_scaling_spec(self) -> RopeScaling | None:
+    """The RoPE frequency scaling the attention layers apply, or None."""
+    if self.position != "rope" or self.rope_scaling == "none":
+      return None
+    return RopeScaling(
+      self.rope_scaling,
+      float(self.rope_scaling_factor),
+      float(self.rope_low_freq_factor),
+      float(self.rope_high_freq_factor),
+      int(self.rope_original_max_len),
+    )
+
+  @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
 
@@ -189,6 +238,7 @@ class ModelConfig:
       raise ValueError(
         f"model.position={self.position!r} is not known; choose one of: {', '.join(POSITIONS)}"
       )
+    self._validate_architecture()
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(
@@ -198,4 +248,59 @@ class ModelConfig:
       raise ValueError(
         f"model.remat={self.remat!r} is not a known remat policy; choose one of: "
         + ", ".join(REMAT_POLICIES)
+      )
+
+  def _validate_architecture(self) -> None:
+    """The settings that describe pretrained architectures (positions, biases, norms, heads)."""
+    for name, allowed in (
+      ("rope_scaling", ROPE_SCALINGS),
+      ("attention_bias", ATTENTION_BIASES),
+      ("norm_position", NORM_POSITIONS),
+      ("mlp_activation", ACTIVATIONS),
+    ):
+      if getattr(self, name) not in allowed:
+        raise ValueError(
+          f"model.{name}={getattr(self, name)!r} is not known; choose one of: {', '.join(allowed)}"
+        )
+    for name in ("mlp_bias", "embed_norm", "pooler"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"model.{name}={getattr(self, name)!r} must be True or False")
+    for name in ("position_offset", "type_vocab_size"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"model.{name}={value!r} must be an integer >= 0")
+    if self.position_offset and self.position != "learned":
+      raise ValueError(
+        f"model.position_offset={self.position_offset} needs model.position='learned' "
+        f"(got {self.position!r})"
+      )
+    if self.rope_scaling != "none":
+      if self.position != "rope":
+        raise ValueError(
+          f"model.rope_scaling={self.rope_scaling!r} needs model.position='rope' "
+          f"(got {self.position!r})"
+        )
+      if not self.rope_scaling_factor > 0:
+        raise ValueError(f"model.rope_scaling_factor={self.rope_scaling_factor} must be > 0")
+    if self.rope_scaling == "llama3":
+      if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+        raise ValueError(
+          f"model.rope_low_freq_factor={self.rope_low_freq_factor} and model."
+          f"rope_high_freq_factor={self.rope_high_freq_factor} must satisfy 0 < low < high"
+        )
+      if self.rope_original_max_len <= 0:
+        raise ValueError(
+          f"model.rope_original_max_len={self.rope_original_max_len} must be a positive integer"
+        )
+    if self.pooler and self.kind != "encoder":
+      raise ValueError("model.pooler=True needs model.kind='encoder' (BERT's pooler)")
+    if self.mlp_activation != "auto" and any(m not in ("swiglu", "gelu") for m in self.mlp_pattern):
+      raise ValueError(
+        f"model.mlp_activation={self.mlp_activation!r} applies to the swiglu and gelu MLPs only; "
+        f"model.mlp={self.mlp!r} (keep 'auto')"
+      )
+    if self.mlp_bias and any(m != "swiglu" for m in self.mlp_pattern):
+      raise ValueError(
+        f"model.mlp_bias=True applies to the swiglu MLP (the gelu MLP always has biases); "
+        f"model.mlp={self.mlp!r}"
       )

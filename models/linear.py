@@ -62,12 +62,13 @@ class Linear(nnx.Module):
 
 
 class ProjectOut(nnx.Module):
-  """y = x W over several trailing input axes (e.g. heads and head_dim) to one output axis.
+  """y = x W (+ b) over several trailing input axes (e.g. heads and head_dim) to one output axis.
 
   Args:
     in_shape: Trailing input shape contracted away, e.g. (num_heads, head_dim).
     out_features: Output width.
     axes: Logical names for the kernel [*in_shape, out].
+    use_bias: Whether to add a bias [out] (axes: the last name).
     init_std, dtype, param_dtype, rngs: As in `Linear`.
   """
 
@@ -77,6 +78,7 @@ class ProjectOut(nnx.Module):
     out_features: int,
     *,
     axes: Sequence[str | None],
+    use_bias: bool = False,
     init_std: float = 0.02,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
@@ -87,17 +89,23 @@ class ProjectOut(nnx.Module):
     self.dtype = dtype
     shape = (*self.in_shape, out_features)
     self.kernel = param(init_std * jax.random.normal(rngs.params(), shape, param_dtype), axes)
+    self.bias = (
+      param(jnp.zeros((out_features,), param_dtype), tuple(axes)[-1:]) if use_bias else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = math.prod(self.in_shape)
     lead = x.shape[: x.ndim - len(self.in_shape)]
     w = self.kernel[...].astype(self.dtype).reshape(n_in, self.out_features)
     y = x.astype(self.dtype).reshape(-1, n_in) @ w  # [tokens, out]
-    return y.reshape(*lead, self.out_features)
+    y = y.reshape(*lead, self.out_features)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
 
 
 def fused_linear(x: jax.Array, layers: Sequence[Linear]) -> list[jax.Array]:
-  """Applies several bias-free `Linear`s that share an input as fewer, wider matmuls.
+  """Applies several `Linear`s that share an input as fewer, wider matmuls (biases added after).
 
   Same result as `[layer(x) for layer in layers]`; one [tokens, L, N] product keeps the hardware
   busier than L narrow ones (e.g. q/k/v, or SwiGLU's gate and up). Layers of the same output shape
@@ -112,8 +120,8 @@ def fused_linear(x: jax.Array, layers: Sequence[Linear]) -> list[jax.Array]:
   if any(type(layer) is not Linear for layer in layers):
     return [layer(x) for layer in layers]
   first = layers[0]
-  if any(layer.bias is not None or layer.in_features != first.in_features for layer in layers):
-    raise ValueError("fused_linear needs bias-free layers with the same input width")
+  if any(layer.in_features != first.in_features for layer in layers):
+    raise ValueError("fused_linear needs layers with the same input width")
   groups: dict[tuple[int, ...], list[int]] = {}
   for i, layer in enumerate(layers):
     groups.setdefault(layer.out_shape, []).append(i)
@@ -131,5 +139,7 @@ def fused_linear(x: jax.Array, layers: Sequence[Linear]) -> list[jax.Array]:
     )
     y_tln = jnp.einsum("tk,kln->tln", x_tk, w_kln)
     for j, i in enumerate(members):
-      out[i] = y_tln[:, j].reshape(*lead, *out_shape)
+      y = y_tln[:, j].reshape(*lead, *out_shape)
+      bias = layers[i].bias
+      out[i] = y if bias is None else y + bias[...].astype(first.dtype)
   return out

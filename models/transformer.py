@@ -1,6 +1,7 @@
 """The shared block, the layer stack (scanned or unrolled) and the decoder / encoder LMs.
 
-A block is pre-norm: x + mixer(norm(x)), then x + mlp(norm(x)). Its sequence mixer and MLP are
+A block is pre-norm: x + mixer(norm(x)), then x + mlp(norm(x)) (`model.norm_position="post"`:
+norm(x + mixer(x)), then norm(x + mlp(x)), as in BERT). Its sequence mixer and MLP are
 chosen by name from `models.registry`, so attention variants, state-space layers and MoE MLPs plug
 in without touching this file. A repeating mixer pattern (e.g. "mamba,mamba,dense") and a repeating
 MLP pattern (e.g. MoE every second block) form a group of lcm(len(mixers), len(mlps)) blocks; the
@@ -16,6 +17,11 @@ Without `sample_key` (evaluation, decoding, generation) the blocks derive their 
 key instead: the samples are still distinct per layer but identical on every call, so results are
 deterministic.
 
+Inputs: token embeddings, plus a learned position table (`model.position="learned"`, GPT-2 /
+BERT; RoPE is applied inside attention instead), token-type embeddings (`model.type_vocab_size`)
+and a norm over their sum (`model.embed_norm`), as BERT's embeddings. A pre-norm stack ends with a
+final norm; a post-norm stack (already normalised) has none.
+
 Axes: activations [batch, seq, embed]; logits [batch, seq, vocab]; stacked parameters get a
 leading `layers` axis.
 """
@@ -29,6 +35,7 @@ from flax import nnx
 from reslm.models.config import ModelConfig
 from reslm.models.embeddings import Embed
 from reslm.models.linear import Linear
+from reslm.models.mlp import activation
 from reslm.models.registry import MIXERS, MLPS, NORMS
 from reslm.models.sharding import constrain
 
@@ -63,6 +70,8 @@ EVAL_SAMPLE_KEY = 0  # Seed of the fixed key blocks derive their sample keys fro
 class Block(nnx.Module):
   """Pre-norm residual block: x + mixer(norm1(x)); x + mlp(norm2(x)).
 
+  With `post_norm`: norm1(x + mixer(x)); norm2(x + mlp(x)) (the original Transformer and BERT).
+
   A mixer with `stochastic = True` also receives `sample_key` (its PRNG key for this call); one
   with `gates_residual = True` (MEGA) also receives the un-normalised residual stream x as
   `residual_btd` and returns an update that already interpolates towards it.
@@ -76,13 +85,23 @@ class Block(nnx.Module):
     mixer: A sequence mixer following the `models.attention.Attention` call convention.
     mlp: A position-wise module [.., d] -> [.., d] (or one with `init_cache`, see above).
     norm1, norm2: Normalisation modules.
+    post_norm: Normalise after each residual addition instead of before each sublayer.
   """
 
-  def __init__(self, mixer: nnx.Module, mlp: nnx.Module, norm1: nnx.Module, norm2: nnx.Module):
+  def __init__(
+    self,
+    mixer: nnx.Module,
+    mlp: nnx.Module,
+    norm1: nnx.Module,
+    norm2: nnx.Module,
+    *,
+    post_norm: bool = False,
+  ):
     self.mixer = mixer
     self.mlp = mlp
     self.norm1 = norm1
     self.norm2 = norm2
+    self.post_norm = post_norm
     self.mlp_cached = hasattr(mlp, "init_cache")
 
   def __call__(
@@ -103,16 +122,20 @@ class Block(nnx.Module):
       extra["residual_btd"] = x_btd
     # Norm outputs are whole sequences (the mixer and MLP split heads / hidden units instead);
     # the residual stream may be split along the sequence (`residual_seq`: sequence parallelism).
+    pre = (lambda x: x) if self.post_norm else (lambda x: self.norm1(x))
     h, mixer_cache = self.mixer(
-      constrain(self.norm1(x_btd), ("batch", "seq", "embed")),
+      constrain(pre(x_btd), ("batch", "seq", "embed")),
       positions_bt=positions_bt,
       segment_ids_bt=segment_ids_bt,
       cache=mixer_cache,
       cache_index=cache_index,
       **extra,
     )
-    x_btd = constrain(x_btd + h.astype(x_btd.dtype), ("batch", "residual_seq", "embed"))
-    y = constrain(self.norm2(x_btd), ("batch", "seq", "embed"))
+    x_btd = x_btd + h.astype(x_btd.dtype)
+    if self.post_norm:
+      x_btd = self.norm1(x_btd)
+    x_btd = constrain(x_btd, ("batch", "residual_seq", "embed"))
+    y = constrain(x_btd if self.post_norm else self.norm2(x_btd), ("batch", "seq", "embed"))
     if mlp_cache is not None:
       mlp_out, mlp_cache = self.mlp(y, cache=mlp_cache)
     else:
@@ -122,6 +145,8 @@ class Block(nnx.Module):
     if isinstance(mlp_out, tuple):
       mlp_out, aux = mlp_out
     x_btd = x_btd + mlp_out.astype(x_btd.dtype)
+    if self.post_norm:
+      x_btd = self.norm2(x_btd)
     cache = (mixer_cache, mlp_cache) if self.mlp_cached and cache is not None else mixer_cache
     return constrain(x_btd, ("batch", "residual_seq", "embed")), cache, aux
 
@@ -142,6 +167,7 @@ def build_block(
     mlp=MLPS.build(mlp or cfg.mlp, cfg, rngs=rngs),
     norm1=NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs),
     norm2=NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs),
+    post_norm=cfg.norm_position == "post",
   )
 
 
@@ -270,7 +296,56 @@ def _positions(tokens_bt: jax.Array, cache_index) -> jax.Array:
   return jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-class DecoderLM(nnx.Module):
+class _Inputs(nnx.Module):
+  """The input side both LMs share: token, position and token-type embeddings, embedding norm.
+
+  Sets `embed` (tokens; also the tied output projection), `pos_embed` (learned positions, rows
+  max_seq_len + position_offset), `type_embed` (token types) and `embed_norm`, each None when
+  the config has none.
+  """
+
+  def _init_inputs(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+    kw = dict(
+      init_std=cfg.init_std, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs
+    )
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, **kw)
+    table = (None, "embed")  # Small tables: never split along their rows.
+    learned = cfg.position == "learned"
+    self.pos_embed = Embed(cfg.position_rows, cfg.d_model, axes=table, **kw) if learned else None
+    types = cfg.type_vocab_size
+    self.type_embed = Embed(types, cfg.d_model, axes=table, **kw) if types else None
+    norm = cfg.embed_norm
+    self.embed_norm = NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs) if norm else None
+
+  def embed_inputs(self, tokens_bt, positions_bt, token_types_bt=None) -> jax.Array:
+    """The residual stream entering the first block, [batch, seq, embed].
+
+    Args:
+      tokens_bt: int32 token ids, [batch, seq].
+      positions_bt: Positions, [batch, seq] (read by a learned position table).
+      token_types_bt: Token types (BERT's segment A/B), [batch, seq]; default all 0.
+    """
+    x = self.embed(tokens_bt)
+    if self.pos_embed is not None:
+      x = x + self.pos_embed(positions_bt + self.cfg.position_offset)
+    if self.type_embed is not None:
+      types = jnp.zeros_like(tokens_bt) if token_types_bt is None else token_types_bt
+      x = x + self.type_embed(types)
+    if self.embed_norm is not None:
+      x = self.embed_norm(x)
+    return constrain(x, ("batch", "residual_seq", "embed"))
+
+  def _final_norm(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    if cfg.norm_position == "post":
+      return None  # Every block already ends with a norm.
+    return NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs)
+
+  def normed(self, x_btd: jax.Array) -> jax.Array:
+    """The last block's output after the final norm (if any)."""
+    return x_btd if self.final_norm is None else self.final_norm(x_btd)
+
+
+class DecoderLM(_Inputs):
   """A decoder-only (causal) language model.
 
   Args:
@@ -280,16 +355,9 @@ class DecoderLM(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = Embed(
-      cfg.vocab_size,
-      cfg.d_model,
-      init_std=cfg.init_std,
-      dtype=cfg.compute_dtype,
-      param_dtype=cfg.storage_dtype,
-      rngs=rngs,
-    )
+    self._init_inputs(cfg, rngs)
     self.layers = LayerStack(cfg, causal=True, rngs=rngs)
-    self.final_norm = NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs)
+    self.final_norm = self._final_norm(cfg, rngs)
     self.lm_head = (
       None
       if cfg.tie_embeddings
@@ -318,6 +386,7 @@ class DecoderLM(nnx.Module):
     cache_index=None,
     return_hidden: bool = False,
     sample_key: jax.Array | None = None,
+    token_types_bt: jax.Array | None = None,
   ) -> ModelOutput:
     """Next-token logits.
 
@@ -332,13 +401,14 @@ class DecoderLM(nnx.Module):
       sample_key: PRNG key of the stochastic mixers (LSH rotations, KDEformer samples) for this
         call; a training step passes a fresh one per step. None (evaluation, decoding): fixed
         per-layer samples, so the output is deterministic.
+      token_types_bt: Token types for `model.type_vocab_size` > 0, [batch, seq]; default 0.
 
     Returns:
       A `ModelOutput`.
     """
     if positions_bt is None:
       positions_bt = _positions(tokens_bt, cache_index)
-    x = constrain(self.embed(tokens_bt), ("batch", "residual_seq", "embed"))
+    x = self.embed_inputs(tokens_bt, positions_bt, token_types_bt)
     embedded = x
     x, cache, aux, *hidden = self.layers(
       x,
@@ -353,15 +423,21 @@ class DecoderLM(nnx.Module):
       hidden = jnp.concatenate([embedded[None], hidden[0].astype(embedded.dtype)], axis=0)
     else:
       hidden = None
-    x = self.final_norm(x)
+    return ModelOutput(self.project_logits(x), cache, aux, hidden)
+
+  def project_logits(self, x_btd: jax.Array) -> jax.Array:
+    """The last block's output -> float32 logits [batch, seq, vocab] (final norm, head)."""
+    x = self.normed(x_btd)
     logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x).astype(jnp.float32)
-    return ModelOutput(constrain(logits, ("batch", "seq", "vocab")), cache, aux, hidden)
+    return constrain(logits, ("batch", "seq", "vocab"))
 
 
-class EncoderLM(nnx.Module):
-  """A bidirectional encoder with a BERT-style masked-LM head.
+class EncoderLM(_Inputs):
+  """A bidirectional encoder with a BERT-style masked-LM head (and optionally BERT's pooler).
 
-  Head: dense + gelu + norm, then the (tied or untied) vocabulary projection plus a bias.
+  Head: dense + activation (`model.mlp_activation`; "auto" = tanh-approximate gelu) + norm, then
+  the (tied or untied) vocabulary projection plus a bias. Pooler (`model.pooler`): tanh(dense(h))
+  of the first token's final hidden state h (BERT's [CLS]).
 
   Args:
     cfg: The model config; `cfg.kind` should be "encoder".
@@ -371,9 +447,10 @@ class EncoderLM(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
-    self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, **kw)
+    self._init_inputs(cfg, rngs)
     self.layers = LayerStack(cfg, causal=False, rngs=rngs)
-    self.final_norm = NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs)
+    self.final_norm = self._final_norm(cfg, rngs)
+    self.head_act = activation(cfg.mlp_activation, "gelu_tanh")
     self.head_dense = Linear(
       cfg.d_model, cfg.d_model, axes=("embed", "embed"), use_bias=True, init_std=cfg.init_std, **kw
     )
@@ -386,6 +463,18 @@ class EncoderLM(nnx.Module):
     self.vocab_bias = nnx.Param(
       jnp.zeros((cfg.vocab_size,), cfg.storage_dtype), out_sharding=("vocab",), eager_sharding=False
     )
+    self.pooler = (
+      Linear(
+        cfg.d_model,
+        cfg.d_model,
+        axes=("embed", "embed"),
+        use_bias=True,
+        init_std=cfg.init_std,
+        **kw,
+      )
+      if cfg.pooler
+      else None
+    )
 
   def __call__(
     self,
@@ -396,22 +485,73 @@ class EncoderLM(nnx.Module):
     cache=None,
     cache_index=None,
     sample_key=None,
+    token_types_bt=None,
   ) -> ModelOutput:
-    """Per-position vocabulary logits; arguments as in `DecoderLM` (no cache)."""
+    """Per-position vocabulary logits; arguments as in `DecoderLM` (no cache).
+
+    Padding: give `segment_ids_bt` (0 = padding, e.g. an attention mask); real tokens then see
+    only real tokens, as under Hugging Face's attention mask (outputs at padded positions are
+    not meaningful in either).
+    """
     if cache is not None:
       raise ValueError("an encoder has no decoding cache")
     del cache_index
+    x, aux = self.hidden_states(
+      tokens_bt,
+      positions_bt=positions_bt,
+      segment_ids_bt=segment_ids_bt,
+      token_types_bt=token_types_bt,
+      sample_key=sample_key,
+    )
+    return ModelOutput(self.project_logits(x, normed=True), None, aux)
+
+  def hidden_states(
+    self, tokens_bt, *, positions_bt=None, segment_ids_bt=None, token_types_bt=None, sample_key=None
+  ) -> tuple[jax.Array, jax.Array]:
+    """The final hidden states [batch, seq, embed] (after the final norm, if any) and aux loss."""
     if positions_bt is None:
       positions_bt = _positions(tokens_bt, None)
-    x = constrain(self.embed(tokens_bt), ("batch", "residual_seq", "embed"))
+    x = self.embed_inputs(tokens_bt, positions_bt, token_types_bt)
     x, _, aux = self.layers(
       x, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt, sample_key=sample_key
     )
-    x = self.final_norm(x)
-    x = self.head_norm(jax.nn.gelu(self.head_dense(x)))
+    return self.normed(x), aux
+
+  def project_logits(self, x_btd: jax.Array, *, normed: bool = False) -> jax.Array:
+    """Hidden states -> float32 MLM logits [batch, seq, vocab] (final norm unless `normed`)."""
+    x = x_btd if normed else self.normed(x_btd)
+    x = self.head_norm(self.head_act(self.head_dense(x)))
     logits = self.embed.attend(x) if self.decoder is None else self.decoder(x).astype(jnp.float32)
     logits = logits + self.vocab_bias[...].astype(jnp.float32)
-    return ModelOutput(constrain(logits, ("batch", "seq", "vocab")), None, aux)
+    return constrain(logits, ("batch", "seq", "vocab"))
+
+  def pool(self, hidden_btd: jax.Array) -> jax.Array:
+    """BERT's pooled output tanh(dense(h[:, 0])), [batch, embed]; needs `model.pooler`."""
+    if self.pooler is None:
+      raise ValueError("this encoder has no pooler (model.pooler=False)")
+    return jnp.tanh(self.pooler(hidden_btd[:, 0]).astype(jnp.float32))
+
+  def sentence_embeddings(
+    self, tokens_bt, mask_bt, *, token_types_bt=None, pooling: str = "mean"
+  ) -> jax.Array:
+    """One float32 vector per row, [batch, embed].
+
+    Args:
+      tokens_bt: Token ids, [batch, seq].
+      mask_bt: 1 for real tokens, 0 for padding, [batch, seq] (padding attends to nothing real).
+      token_types_bt: Optional token types.
+      pooling: "mean" (the mean of the real tokens' final hidden states, as sentence-transformers'
+        MiniLM models) or "pooler" (BERT's pooler on the first token).
+    """
+    if pooling not in ("mean", "pooler"):
+      raise ValueError(f"pooling={pooling!r} is not known; choose one of: mean, pooler")
+    mask_bt = jnp.asarray(mask_bt, jnp.int32)
+    hidden, _ = self.hidden_states(tokens_bt, segment_ids_bt=mask_bt, token_types_bt=token_types_bt)
+    if pooling == "pooler":
+      return self.pool(hidden)
+    weights = mask_bt.astype(jnp.float32)[..., None]
+    total = jnp.sum(hidden.astype(jnp.float32) * weights, axis=1)
+    return total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
 
 MODELS = {"decoder": DecoderLM, "encoder": EncoderLM}

@@ -130,7 +130,10 @@ def pipeline(
       f"the batch of {batch} does not split into parallel.pipeline_microbatches={m} "
       f"microbatches on each of the {dp} {batch_axis} shards"
     )
-  manual = {axis} | ({batch_axis} if dp > 1 else set())
+  split = {axis} | ({batch_axis} if dp > 1 else set())
+  # Size-1 axes partition nothing: manual too, so that code inside a stage (a Pallas kernel, which
+  # needs every axis manual) meets no automatic axis when the mesh has none of size > 1 left.
+  manual = split | {a for a in mesh.axis_names if mesh.shape[a] == 1}
   rows = P(batch_axis) if dp > 1 else P()
 
   def run(params, x):
@@ -162,8 +165,8 @@ def pipeline(
       laps = tree(lambda b, v: b.at[slot].set(jnp.where(keep, v, b[slot])), laps, received)
       return (received, laps, out), None
 
-    def varying(a):  # Per-device values along every manual axis.
-      missing = tuple(sorted(manual - set(jax.typeof(a).mat.varying)))
+    def varying(a):  # Per-device values along the pipeline (and batch) axes.
+      missing = tuple(sorted(split - set(jax.typeof(a).mat.varying)))
       return jax.lax.pcast(a, missing, to="varying") if missing else a
 
     # Cast once before the loop, so that the gradients of these replicated values (parameters
@@ -221,19 +224,12 @@ def decoder_forward(
     (x, aux), _ = jax.lax.scan(group, (act["x"], act["aux"][0]), chunk)
     return {"x": x, "aux": jnp.broadcast_to(aux, act["aux"].shape)}
 
-  x = constrain(model.embed(tokens_bt), ("batch", "seq", "embed"))
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  x = constrain(model.embed_inputs(tokens_bt, positions), ("batch", "seq", "embed"))
   act = {"x": x, "aux": jnp.zeros((b,), jnp.float32)}  # Per-row copy of its microbatch's aux.
   act = pipeline(
     stage_fn, groups, act, mesh=mesh, microbatches=microbatches, schedule=schedule, repeats=repeats
   )
-  x = model.final_norm(act["x"])
-  if isinstance(model, transformer.EncoderLM):
-    x = model.head_norm(jax.nn.gelu(model.head_dense(x)))
-    head = model.decoder
-  else:
-    head = model.lm_head
-  logits = model.embed.attend(x) if head is None else head(x).astype(jnp.float32)
-  if isinstance(model, transformer.EncoderLM):
-    logits = logits + model.vocab_bias[...].astype(jnp.float32)
-  logits = constrain(logits, ("batch", "seq", "vocab"))
+  # The final norm (if any) and the LM / masked-LM head, as the model's own forward.
+  logits = model.project_logits(act["x"])
   return transformer.ModelOutput(logits, None, jnp.mean(act["aux"]))

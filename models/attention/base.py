@@ -19,6 +19,7 @@ from reslm.models.embeddings import apply_rope
 from reslm.models.linear import Linear, ProjectOut, fused_linear
 from reslm.models.sharding import constrain
 
+ATTENTION_BIASES = ("none", "qkv", "all")
 NEG_INF = -1e30  # Finite, so fully masked rows give a uniform (not NaN) softmax before masking out.
 
 
@@ -62,6 +63,9 @@ class Attention(nnx.Module):
     head_dim: Width of each head.
     causal: Decoder (causal) or encoder (bidirectional) attention.
     rope_theta: RoPE base, or None for no rotary embedding.
+    rope_scaling: Optional RoPE frequency scaling (`models.embeddings.RopeScaling`).
+    bias: Projection biases: "none", "qkv" (q, k and v: Qwen2) or "all" (q, k, v and o: GPT-2,
+      BERT).
     init_std: Initialiser std of the input projections.
     out_init_std: Initialiser std of the output projection.
     dtype: Compute dtype.
@@ -91,6 +95,8 @@ class Attention(nnx.Module):
     *,
     causal: bool = True,
     rope_theta: float | None = 10_000.0,
+    rope_scaling=None,
+    bias: str = "none",
     init_std: float = 0.02,
     out_init_std: float = 0.02,
     dtype=jnp.float32,
@@ -99,20 +105,30 @@ class Attention(nnx.Module):
   ):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+    if bias not in ATTENTION_BIASES:
+      raise ValueError(f"bias={bias!r} is not known; choose one of: {', '.join(ATTENTION_BIASES)}")
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
     self.causal = causal
     self.rope_theta = rope_theta
+    self.rope_scaling = rope_scaling
     self.dtype = dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    in_bias = bias != "none"
     self.q = Linear(
-      d_model, (num_heads, head_dim), axes=("embed", "heads", "head_dim"), init_std=init_std, **kw
+      d_model,
+      (num_heads, head_dim),
+      axes=("embed", "heads", "head_dim"),
+      use_bias=in_bias,
+      init_std=init_std,
+      **kw,
     )
     self.k = Linear(
       d_model,
       (num_kv_heads, head_dim),
       axes=("embed", "kv_heads", "head_dim"),
+      use_bias=in_bias,
       init_std=init_std,
       **kw,
     )
@@ -120,6 +136,7 @@ class Attention(nnx.Module):
       d_model,
       (num_kv_heads, head_dim),
       axes=("embed", "kv_heads", "head_dim"),
+      use_bias=in_bias,
       init_std=init_std,
       **kw,
     )
@@ -127,6 +144,7 @@ class Attention(nnx.Module):
       (num_heads, head_dim),
       d_model,
       axes=("heads", "head_dim", "embed"),
+      use_bias=bias == "all",
       init_std=out_init_std,
       **kw,
     )
@@ -175,8 +193,8 @@ class Attention(nnx.Module):
     k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
     if self.rope_theta is not None:
-      q = apply_rope(q, positions_bt, self.rope_theta)
-      k = apply_rope(k, positions_bt, self.rope_theta)
+      q = apply_rope(q, positions_bt, self.rope_theta, self.rope_scaling)
+      k = apply_rope(k, positions_bt, self.rope_theta, self.rope_scaling)
     return q, k, v
 
   def mix(self, q, k, v, *, segment_ids_bt=None, cache=None, cache_index=None):
@@ -382,6 +400,8 @@ def attention_kwargs(cfg, *, causal: bool, rngs) -> dict:
     head_dim=cfg.resolved_head_dim,
     causal=causal,
     rope_theta=cfg.rope_theta if cfg.position == "rope" else None,
+    rope_scaling=cfg.rope_scaling_spec,
+    bias=cfg.attention_bias,
     init_std=cfg.init_std,
     out_init_std=cfg.out_init_std,
     dtype=cfg.compute_dtype,
