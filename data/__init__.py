@@ -4,6 +4,7 @@
 `(seed, step)` and holds only this process's rows of the global batch.
 """
 
+from reslm.data.hf_tokenizer import HFTokenizer
 from reslm.data.pipeline import Dataset, build_dataset, get_default_config, validate_config
 from reslm.data.synthetic import TASKS, copy_task, evaluate_listops, listops, mqar
 from reslm.data.text import load_text
@@ -21,6 +22,7 @@ __all__ = [
   "ByteTokenizer",
   "CharTokenizer",
   "Dataset",
+  "HFTokenizer",
   "SentencePieceTokenizer",
   "Tokenizer",
   "build_dataset",

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from reslm.data import synthetic, tokenizers
+from reslm.data.hf_tokenizer import resolve_path
 from reslm.data.text import load_text, looks_local
 
 Batch = dict[str, np.ndarray]
@@ -47,7 +48,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   cfg.hf_config = ""  # text from the hub: dataset configuration ("" = default)
   cfg.hf_split = "train"  # text from the hub: split, slicing allowed ("train[:10%]")
   cfg.text_field = "text"
-  cfg.tokenizer = "byte"  # byte | char | sentencepiece (text only)
+  cfg.tokenizer = "byte"  # byte | char | sentencepiece | hf (text only)
+  cfg.tokenizer_path = ""  # hf: a tokenizer.json or its directory (a Hugging Face model's)
   cfg.char_add_specials = False  # char: append pad/bos/eos/mask (needed for mlm)
   cfg.sentencepiece_vocab_size = 1024
   cfg.sentencepiece_model_type = "bpe"  # bpe | unigram
@@ -113,6 +115,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(
           f"data.sentencepiece_vocab_size={cfg.sentencepiece_vocab_size} must be positive"
         )
+    if cfg.tokenizer == "hf":
+      resolve_path(cfg.get("tokenizer_path", ""))
     if cfg.objective == "mlm" and cfg.tokenizer == "char" and not cfg.char_add_specials:
       raise ValueError(
         "data.objective='mlm' needs a mask token but data.tokenizer='char' has none; "
@@ -282,6 +286,8 @@ def _build_text(cfg: ml_collections.ConfigDict, process_index: int, process_coun
       ("vocab_size", cfg.sentencepiece_vocab_size),
       ("model_type", cfg.sentencepiece_model_type),
     )
+  elif cfg.tokenizer == "hf":
+    tok_kwargs = (("path", str(resolve_path(cfg.tokenizer_path))),)
   else:
     tok_kwargs = ()
   tok, ids = _tokenized_text(

@@ -1,6 +1,7 @@
-"""Tokenizers for text sources: UTF-8 bytes, characters, and a locally trained SentencePiece.
+"""Tokenizers for text sources: UTF-8 bytes, characters, a locally trained SentencePiece, and a
+pretrained checkpoint's own (`hf`: tokenizer.json, see `data.hf_tokenizer`).
 
-All three share one small interface (`Tokenizer`): `encode(text) -> int32 ids`,
+All of them share one small interface (`Tokenizer`): `encode(text) -> int32 ids`,
 `decode(ids) -> str`, `vocab_size` and the special ids `pad_id`, `bos_id`, `eos_id`, `mask_id`
 (`None` where a tokenizer has no such token). Each one serialises to a JSON-friendly dict
 (`to_dict`), so a checkpoint directory can store the exact tokenizer a run used and
@@ -20,7 +21,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-TOKENIZER_NAMES = ("byte", "char", "sentencepiece")
+from reslm.data.hf_tokenizer import HFTokenizer
+
+TOKENIZER_NAMES = ("byte", "char", "sentencepiece", "hf")
 
 
 @runtime_checkable
@@ -293,7 +296,8 @@ def build_tokenizer(name: str, *, text: str | None = None, **kwargs: Any) -> Tok
     name: one of `TOKENIZER_NAMES`.
     text: the text a "char" alphabet is built from or a "sentencepiece" model is trained on.
     **kwargs: passed on: `add_specials` for "char"; `vocab_size`, `model_type`, ... for
-      "sentencepiece" (see `SentencePieceTokenizer.train`).
+      "sentencepiece" (see `SentencePieceTokenizer.train`); `path` (tokenizer.json or its
+      directory) for "hf".
 
   Returns:
     The tokenizer.
@@ -303,6 +307,8 @@ def build_tokenizer(name: str, *, text: str | None = None, **kwargs: Any) -> Tok
   """
   if name == "byte":
     return ByteTokenizer()
+  if name == "hf":
+    return HFTokenizer.from_path(kwargs["path"])
   if name not in TOKENIZER_NAMES:
     raise _unknown_tokenizer(name)
   if text is None:
@@ -325,4 +331,6 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     return CharTokenizer.from_dict(d)
   if name == "sentencepiece":
     return SentencePieceTokenizer.from_dict(d)
+  if name == "hf":
+    return HFTokenizer.from_dict(d)
   raise _unknown_tokenizer(name)
