@@ -2,9 +2,12 @@
 
 The cache of a softmax attention mixer grows with the context; int8 codes plus a float32 scale per
 (token, kv head) take d + 4 bytes per head instead of 2d (bfloat16) or 4d (float32). Values are
-quantized when written (scale = max|x| / 127 over head_dim) and dequantized when attended over.
-The code path lives in `models.attention.base` (`Attention.kv_cache_quant`); this method turns it
-on for the mixers a rule selects. It changes no parameter, only what `init_cache` allocates.
+quantized when written (scale = max|x| / 127 over head_dim). Exact-softmax mixers (dense, flash,
+memory_efficient, sliding_window) attend from the codes (q·k as (q·codes)·scale, value scales
+folded into the softmax weights), so no float copy of the cache is made per step; other mixers
+dequantize the cache when attending. The code path lives in `models.attention.base`
+(`Attention.kv_cache_quant`, `int8_attention`); this method turns it on for the mixers a rule
+selects. It changes no parameter, only what `init_cache` allocates.
 """
 
 from reslm.compress.registry import register
