@@ -12,8 +12,12 @@ Manifest entries, applied in order to a freshly built (abstract) model of the sa
                                                         pruning removed); nothing to rebuild
 Weights changed in place (pruning) need no entry: the state carries them. Shapes changed with the
 model config (structured pruning) need none either: meta["model"] is the compressed model's config.
+
+The output directory is a `COMPRESSED` one (`training.ownership`): `save_compressed` refuses a
+directory holding anything else (a training run, say), since it keeps only the newest step.
 """
 
+import json
 import os
 from typing import Any
 
@@ -25,7 +29,36 @@ from reslm.compress.layers import LAYER_KINDS, CompressedLinear
 from reslm.compress.quantize import layers as _quantized  # noqa: F401  (registers the quantized kinds)
 from reslm.compress.targets import get_module, set_module
 from reslm.models import ModelConfig, build_model
+from reslm.training import ownership
 from reslm.training.checkpoint import Checkpointer
+from reslm.training.runs import TRAIN_RUN
+
+
+def _same_source(path: str, key) -> bool:
+  """An unmarked output (from before markers) is adopted only with its report, and only by the
+  same compression (source run, rules, order) when `key` says which."""
+  try:
+    with open(os.path.join(path, "report.json")) as f:
+      report = json.load(f)
+  except (OSError, ValueError):
+    return False
+  if key is None:
+    return True
+  source = report.get("source", {})
+  return (
+    source.get("workdir") == key.get("source")
+    and source.get("best") == key.get("best")
+    and report.get("rules") == key.get("rules")
+    and report.get("order") == key.get("order")
+  )
+
+
+COMPRESSED = ownership.Kind(
+  command="experiments.compress",
+  what="a compressed model",
+  outputs=("checkpoints/", "report.json"),
+  recognize=_same_source,
+)
 
 
 def _class(spec: dict[str, Any]) -> type[CompressedLinear]:
@@ -76,6 +109,7 @@ def save_compressed(out_dir: str, model: nnx.Module, meta: dict[str, Any], *, st
   """Writes `model`'s whole state and `meta` (which must hold "model" and "compress")."""
   if "model" not in meta or "manifest" not in meta.get("compress", {}):
     raise ValueError("compressed checkpoint meta needs 'model' and 'compress.manifest'")
+  ownership.check(out_dir, COMPRESSED, flag="out_dir", others=(TRAIN_RUN,))
   ckpt = Checkpointer(out_dir, keep=1, keep_best=False, async_save=False)
   ckpt.save(step, nnx.to_pure_dict(nnx.state(model)), meta)
   ckpt.wait()
@@ -92,16 +126,21 @@ def load_compressed(out_dir: str) -> tuple[nnx.Module, dict[str, Any]]:
   Raises:
     ValueError: No compressed checkpoint in `out_dir`, or unreadable files.
   """
-  ckpt = Checkpointer(out_dir, keep=1, keep_best=False, async_save=False)
-  try:
-    meta = ckpt.read_meta()
+  ckpt = Checkpointer(out_dir, keep_best=False, read_only=True)
+  graphdef = None
+
+  def target(meta):
+    nonlocal graphdef
     if "compress" not in meta:
       raise ValueError(f"{out_dir} holds a checkpoint without a compression manifest")
     cfg = ModelConfig.from_config_dict(meta["model"])
     manifest = meta["compress"]["manifest"]
     abstract = nnx.eval_shape(lambda: apply_manifest(build_model(cfg), manifest))
     graphdef, state = nnx.split(abstract)
-    restored, meta, _ = ckpt.restore(nnx.to_pure_dict(state))
+    return nnx.to_pure_dict(state)
+
+  try:
+    restored, meta, _ = ckpt.restore(target)
   finally:
     ckpt.close()
   return nnx.merge(graphdef, restored), meta

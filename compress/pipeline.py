@@ -33,11 +33,13 @@ from flax import nnx
 from reslm import data as data_lib
 from reslm.compress import calibration as calib_lib
 from reslm.compress import registry
-from reslm.compress.checkpoint import load_compressed, save_compressed
+from reslm.compress.checkpoint import COMPRESSED, load_compressed, save_compressed
 from reslm.compress.intercept import unfused_projections
 from reslm.compress.rules import apply_plan, make_plan, parse_rules
 from reslm.compress.targets import get_module
 from reslm.metrics.params import param_bytes
+from reslm.training import ownership
+from reslm.training.runs import TRAIN_RUN
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -131,11 +133,38 @@ def _bytes(module) -> int:
   return int(param_bytes(nnx.state(module)))
 
 
+def output_key(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """What makes two compressions the same (an `--out` may only hold an earlier output of it)."""
+  return {
+    "source": os.path.abspath(workdir),
+    "best": bool(cfg.best),
+    "rules": _jsonable(cfg.rules),
+    "order": list(cfg.order),
+    "calibration": _jsonable(cfg.calibration),
+  }
+
+
+def claim_output(cfg: ml_collections.ConfigDict, workdir: str, out: str) -> None:
+  """Refuses (one line) an `out` that is the source run or holds anything but an earlier output
+  of this same compression; then marks it. Nothing is read or computed before this."""
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    raise ValueError(f"--workdir={workdir} holds no run (no config.json); train there first")
+  if os.path.realpath(out) == os.path.realpath(workdir):
+    raise ValueError(
+      f"--out={out} is the run being compressed (--workdir); writing there would replace its "
+      "checkpoints; choose another directory"
+    )
+  ownership.claim(
+    out, COMPRESSED, flag="--out", key=output_key(cfg, workdir), others=(TRAIN_RUN, COMPRESSED)
+  )
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, Any]:
   """Compresses the run in `workdir` by `cfg`, writes the checkpoint and report to `out`."""
   from reslm.training import load_run
 
   validate_config(cfg)
+  claim_output(cfg, workdir, out)
   times = {}
   t0 = time.perf_counter()
   run_cfg, model, meta, step = load_run(workdir, best=cfg.best)

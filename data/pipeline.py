@@ -256,7 +256,9 @@ def _path_stamp(path: str) -> float | None:
 def _tokenized_text(path, hf_config, split, text_field, tokenizer_name, tokenizer_kwargs, stamp):
   """Loads and tokenises a corpus once per (source, tokenizer); `stamp` only keys the cache."""
   del stamp
-  text = load_text(path, split=split, text_field=text_field, hf_config=hf_config)
+  # The byte tokenizer takes any file's bytes; the others need UTF-8 text.
+  errors = "surrogateescape" if tokenizer_name == "byte" else "strict"
+  text = load_text(path, split=split, text_field=text_field, hf_config=hf_config, errors=errors)
   tok = tokenizers.build_tokenizer(tokenizer_name, text=text, **dict(tokenizer_kwargs))
   ids = tok.encode(text)  # [num_tokens]
   ids.flags.writeable = False  # shared by every Dataset built from the cache
@@ -317,7 +319,10 @@ def _build_text(cfg: ml_collections.ConfigDict, process_index: int, process_coun
         f"data.train_fraction={cfg.train_fraction}, fewer than data.seq_len + 1 = "
         f"{cfg.seq_len + 1}; use a longer text or a smaller data.seq_len"
       )
-  val_bytes = len(tok.decode(splits["val"]).encode("utf-8"))
+  if tok.name == "byte":  # One byte per id (decoding would turn undecodable bytes into U+FFFD).
+    val_bytes = int(np.sum(splits["val"] < 256))
+  else:
+    val_bytes = len(tok.decode(splits["val"]).encode("utf-8"))
   specials = {tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id, getattr(tok, "unk_id", None)}
   regular = np.array([i for i in range(tok.vocab_size) if i not in specials], dtype=np.int64)
   return Dataset(

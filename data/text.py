@@ -11,6 +11,10 @@
   The hub is unreachable in this workplace, so only the local path is exercised by tests.
 
 Bad settings fail with a one-line `ValueError` naming the setting before any loading starts.
+A local file that is not UTF-8 text is an error naming the file and the first bad byte, unless
+the caller asks for `errors="surrogateescape"` (the byte tokenizer: bytes are the point), which
+reads the files' bytes as they are (undecodable bytes become lone surrogates that
+`ByteTokenizer.encode` turns back into the same bytes).
 """
 
 import glob
@@ -74,12 +78,35 @@ def _join_column(ds, path: str, text_field: str) -> str:
   return text
 
 
+def _first_undecodable(files: list[str]) -> tuple[str, UnicodeDecodeError] | None:
+  """The first file that is not valid UTF-8, with the decode error (None if all are)."""
+  for f in files:
+    with open(f, "rb") as fh:
+      data = fh.read()
+    try:
+      data.decode("utf-8")
+    except UnicodeDecodeError as e:
+      return f, e
+  return None
+
+
+def _read_bytes_as_text(files: list[str]) -> str:
+  """Files joined with "\\n", every byte kept (invalid UTF-8 as lone surrogates, no newline
+  translation)."""
+  parts = []
+  for f in files:
+    with open(f, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+      parts.append(fh.read())
+  return "\n".join(p for p in parts if p)
+
+
 def load_text(
   path_or_name: str,
   *,
   split: str = "train",
   text_field: str = "text",
   hf_config: str | None = None,
+  errors: str = "strict",
 ) -> str:
   """Returns the whole corpus as one string; documents are joined with "\\n".
 
@@ -90,18 +117,31 @@ def load_text(
     split: hub split (slicing allowed); local files are always the whole text.
     text_field: the column holding the text ("text" for local files).
     hf_config: hub dataset configuration name; "" or None for the default.
+    errors: "strict" (local files must be UTF-8) or "surrogateescape" (any bytes; see above).
 
   Returns:
     The text.
 
   Raises:
     ValueError: for an empty `path_or_name`, a local path that does not exist, an empty corpus,
-      or a `text_field` that is not a column.
+      a local file that is not UTF-8 (with errors="strict"), or a `text_field` that is not a
+      column.
   """
   if not path_or_name:
     raise ValueError("data.path='' is empty; set a local text file/directory or a hub dataset id")
+  if errors not in ("strict", "surrogateescape"):
+    raise ValueError(f"errors={errors!r}; choose 'strict' or 'surrogateescape'")
   if looks_local(path_or_name):
     files = _local_files(path_or_name)
+    bad = _first_undecodable(files)
+    if bad is not None:
+      if errors == "surrogateescape":
+        return _read_bytes_as_text(files)
+      f, e = bad
+      raise ValueError(
+        f"data.path={path_or_name!r}: {f} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+        f"offset {e.start}); use data.tokenizer='byte' to train on raw bytes"
+      )
     import datasets  # Deferred: a slow import only the text source needs.
 
     ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")

@@ -65,8 +65,13 @@ class ByteTokenizer:
   vocab_size = 260
 
   def encode(self, text: str) -> np.ndarray:
-    """Returns the UTF-8 bytes of `text` as int32 ids, shape [num_bytes]."""
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+    """Returns the UTF-8 bytes of `text` as int32 ids, shape [num_bytes].
+
+    Lone surrogates U+DC80..U+DCFF (undecodable bytes read with errors="surrogateescape") are
+    those bytes again, so binary files round-trip byte for byte.
+    """
+    data = text.encode("utf-8", errors="surrogateescape")
+    return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Decodes byte ids, ignoring specials; invalid UTF-8 becomes U+FFFD."""

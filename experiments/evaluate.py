@@ -21,6 +21,8 @@ FLAGS = flags.FLAGS
 @cli.one_line_errors
 def main(argv):
   del argv
+  if FLAGS.eval_batches < 0:
+    raise ValueError(f"--eval_batches={FLAGS.eval_batches} must be >= 0 (0 = the run's own)")
   import jax
   from flax import nnx
 

@@ -22,14 +22,30 @@ flags.DEFINE_bool("best", False, "Use the best checkpoint instead of the latest.
 FLAGS = flags.FLAGS
 
 
-def parse_prompt(prompt: str, tokenizer):
+def check_sampling_flags() -> None:
+  """One-line errors for sampling flags out of range (NaN included), before loading anything."""
+  import math
+
+  if FLAGS.num_samples < 1:
+    raise ValueError(f"--num_samples={FLAGS.num_samples} must be >= 1")
+  if FLAGS.max_new_tokens < 1:
+    raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens} must be >= 1")
+  if not (math.isfinite(FLAGS.temperature) and FLAGS.temperature >= 0):
+    raise ValueError(f"--temperature={FLAGS.temperature} must be a finite number >= 0 (0 = greedy)")
+  if FLAGS.top_k < 0:
+    raise ValueError(f"--top_k={FLAGS.top_k} must be >= 0 (0 = all tokens)")
+  if not (math.isfinite(FLAGS.top_p) and 0 < FLAGS.top_p <= 1):
+    raise ValueError(f"--top_p={FLAGS.top_p} must be in (0, 1] (1 = off)")
+
+
+def parse_prompt(prompt: str, tokenizer, vocab_size: int):
   import numpy as np
 
   if tokenizer is not None:
     ids = tokenizer.encode(prompt)
   else:
     try:
-      ids = np.array([int(x) for x in prompt.split(",") if x.strip()], np.int32)
+      ids = np.array([int(x) for x in prompt.split(",") if x.strip()], np.int64)
     except ValueError:
       raise ValueError(
         f"--prompt={prompt!r}: this run has no tokenizer (synthetic task); give comma-separated "
@@ -37,12 +53,18 @@ def parse_prompt(prompt: str, tokenizer):
       ) from None
   if len(ids) == 0:
     raise ValueError("--prompt is empty after tokenization")
-  return ids
+  bad = [int(i) for i in ids if not 0 <= i < vocab_size]
+  if bad:
+    raise ValueError(
+      f"--prompt={prompt!r} has token id {bad[0]}; this model's ids are 0..{vocab_size - 1}"
+    )
+  return ids.astype(np.int32)
 
 
 @cli.one_line_errors
 def main(argv):
   del argv
+  check_sampling_flags()
   import jax
   import numpy as np
 
@@ -56,7 +78,7 @@ def main(argv):
       f"generation needs a decoder model; this run's model.kind is {model.cfg.kind!r}"
     )
   tokenizer = tokenizer_from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
-  ids = parse_prompt(FLAGS.prompt, tokenizer)
+  ids = parse_prompt(FLAGS.prompt, tokenizer, model.cfg.vocab_size)
   prompt = np.repeat(ids[None], FLAGS.num_samples, axis=0)
   out = generate(
     model,

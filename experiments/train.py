@@ -35,7 +35,8 @@ flags.DEFINE_integer("process_id", None, "With --multihost: this process's index
 flags.DEFINE_integer(
   "heartbeat_timeout",
   100,
-  "With --multihost: seconds without a peer's heartbeat before the job stops with an error.",
+  "With --multihost: seconds without a peer's heartbeat before the job stops with an error "
+  "(a whole number >= 1).",
 )
 flags.DEFINE_bool(
   "compile_only",
@@ -55,7 +56,9 @@ def plan(config, topology: str, workdir: str | None, estimate: bool) -> None:
   report = aot.compile_only(config, topology, estimate=estimate)
   print(aot.format_plan(report))
   if workdir:
-    os.makedirs(workdir, exist_ok=True)
+    from reslm.training import runs
+
+    runs.claim_workdir(workdir)  # A run directory (or a new one), never someone else's.
     path = os.path.join(workdir, f"compile_only_{report['topology'].replace(':', '_')}.json")
     with open(path, "w") as f:
       json.dump(report, f, indent=2, sort_keys=True)
@@ -72,31 +75,47 @@ def main(argv):
   if not FLAGS.workdir:
     raise ValueError("--workdir is required to train (a run directory for checkpoints and logs)")
   # Imported here so `--help` and flag errors do not pay for JAX start-up.
-  import jax
+  from reslm.parallel import distributed
 
+  if FLAGS.sample_tokens < 0:
+    raise ValueError(f"--sample_tokens={FLAGS.sample_tokens} must be >= 0 (0 = no sample)")
   if FLAGS.multihost:
-    from reslm.parallel import distributed
-
     distributed.initialize(
       FLAGS.coordinator_address,
       FLAGS.num_processes,
       FLAGS.process_id,
       heartbeat_timeout=FLAGS.heartbeat_timeout,
     )
+  ok = False
+  try:
+    train(FLAGS.config, FLAGS.workdir, FLAGS.sample_tokens)
+    ok = True
+  finally:
+    distributed.finish(ok)  # So the other processes neither wait for nor mourn this one.
+
+
+def train(config, workdir: str, sample_tokens: int) -> None:
+  """Trains, then process 0 alone prints the evaluation, a sample and the report.
+
+  Nothing after training enters a collective or a cross-process barrier: `load_run` (for the
+  sample) reads the checkpoint on this process only.
+  """
+  import jax
+
   import reslm.compress  # noqa: F401  (registers its objective sections, e.g. distill)
   from experiments import showcase
   from reslm.metrics import format_report
   from reslm.training import train_and_evaluate
 
-  result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  result = train_and_evaluate(config, workdir)
   if result.preempted:
     print(f"preempted at step {result.step}; checkpoint saved. Rerun the command to resume.")
     return
   if jax.process_index() != 0:
     return  # Process 0 speaks for a multi-process job.
   print("\n" + "\n".join(f"{k}: {v:.4f}" for k, v in result.eval.items()))
-  if FLAGS.sample_tokens:
-    print("\n" + showcase.sample_from_run(FLAGS.workdir, FLAGS.sample_tokens))
+  if sample_tokens:
+    print("\n" + showcase.sample_from_run(workdir, sample_tokens))
   print("\nEfficiency report (also in efficiency_report.json):\n" + format_report(result.report))
 
 

@@ -17,6 +17,15 @@ from reslm.parallel import rules as rules_lib
 from reslm.training import objectives
 
 NONFINITE_POLICIES = ("stop", "skip")
+FLOAT_SETTINGS = (
+  "learning_rate",
+  "end_learning_rate",
+  "b1",
+  "b2",
+  "eps",
+  "weight_decay",
+  "grad_clip",
+)
 
 
 def get_train_defaults() -> ml_collections.ConfigDict:
@@ -110,6 +119,13 @@ def validate_experiment(cfg: ml_collections.ConfigDict, *, num_devices: int = 1)
   model = model_config(cfg)
   data_lib.validate_config(cfg.data)
   t = cfg.train
+  for name in FLOAT_SETTINGS:  # NaN passes every comparison below, so it is caught here.
+    value = t[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+      raise ValueError(f"train.{name}={value} must be a finite number")
+  for name in ("b1", "b2"):
+    if not 0 <= t[name] < 1:
+      raise ValueError(f"train.{name}={t[name]} must be in [0, 1)")
   _positive(
     "train",
     t,

@@ -4,7 +4,8 @@
 Each stage reads its own config section: data -> model -> optimizer -> mesh placement -> steps.
 A run killed at any point resumes from its last checkpoint with the same command and continues
 exactly (batches are a pure function of the step; the optimizer state is checkpointed), and
-SIGTERM writes a checkpoint before the process exits.
+SIGTERM writes a checkpoint before the process exits. The run directory, its state and loading a
+finished run live in `training.runs`.
 
 An objective section (`training.objectives`, e.g. `distill` from `compress.distill`) changes only
 the objective and the training batches: it returns a `training.steps.Objective` (a teacher's frozen parameters and a loss) and/or
@@ -13,7 +14,6 @@ on the real validation data) and the report work as for any run.
 """
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -41,10 +41,11 @@ from reslm.parallel import mesh as mesh_lib
 from reslm.parallel import pipeline as pipeline_lib
 from reslm.parallel import rules as rules_lib
 from reslm.training import config as config_lib
-from reslm.training import objectives
+from reslm.training import objectives, runs
 from reslm.training.checkpoint import Checkpointer
 from reslm.training.flops import model_flops
-from reslm.training.optim import build_optimizer, learning_rate_schedule
+from reslm.training.optim import learning_rate_schedule
+from reslm.training.runs import abstract_state, init_state, load_run, run_meta  # noqa: F401
 from reslm.training.steps import (
   OBJECTIVE_PARAMS,
   Objective,
@@ -69,42 +70,6 @@ class RunResult:
   eval: dict[str, float]
   report: dict[str, Any] | None
   preempted: bool = False
-
-
-def _tokenizer_meta(dataset) -> dict | None:
-  tok = dataset.tokenizer
-  return tok.to_dict() if tok is not None else None
-
-
-def run_meta(model_cfg: ModelConfig, dataset) -> dict[str, Any]:
-  """The JSON stored with every checkpoint."""
-  return {"model": model_cfg.to_dict(), "tokenizer": _tokenizer_meta(dataset)}
-
-
-def init_state(
-  model_cfg: ModelConfig, train_cfg, *, seed: int, shardings=None, objective_params=None
-):
-  """Builds the model and a fresh TrainState; returns (graphdef, state, optimizer).
-
-  Initialisation runs as one compiled program: faster than op-by-op eager creation, and the
-  parameters are never materialised twice. With `shardings` (a TrainState of shardings, see
-  `placement`) each device creates only its own shards. `objective_params` (`Objective.
-  init_params`) adds an objective's own trainable parameters under `params[OBJECTIVE_PARAMS]`.
-  """
-  box = {}
-
-  def make():
-    graphdef, params = nnx.split(build_model(model_cfg, seed=seed))
-    params = params.to_pure_dict()
-    if objective_params is not None:
-      params[OBJECTIVE_PARAMS] = objective_params()
-    tx = build_optimizer(train_cfg, params)
-    box["graphdef"], box["tx"] = graphdef, tx
-    return TrainState.create(params, tx)
-
-  placed = {} if shardings is None else {"out_shardings": shardings}
-  state = jax.jit(make, **placed)()
-  return box["graphdef"], state, box["tx"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,11 +251,6 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-
-
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResult:
   """Trains `cfg` in `workdir`, resuming from the latest checkpoint there if any.
 
@@ -308,6 +268,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
   """
   wall_start = time.perf_counter()
   config_lib.validate_experiment(cfg, num_devices=jax.device_count())
+  runs.claim_workdir(workdir, write=False)  # Refused before any data is read.
   tc = cfg.train
   mesh = mesh_lib.make_mesh(cfg.parallel)
   dataset = data_lib.build_dataset(
@@ -315,7 +276,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
   )
   model_cfg = config_lib.model_config(cfg, dataset.vocab_size)
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  runs.claim_workdir(workdir)
+  os.makedirs(workdir, exist_ok=True)  # Every process (process 0 created it with the marker).
   objective, dataset = objectives.setup(cfg, model_cfg, dataset, workdir)
   init_extra = None if objective is None else objective.init_params
   _say(is_chief, f"data: {dataset.describe()}")
@@ -343,7 +305,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
     state, _, start_step = ckpt.restore(state, expected_meta=meta)
     _say(is_chief, f"resumed from {ckpt.latest.directory} at step {start_step}")
   if is_chief:  # Only once the workdir is known to hold this model (or nothing).
-    _write_config(cfg, workdir)
+    runs.write_config(cfg, workdir)
+    for log in ("metrics.jsonl", "text.jsonl"):  # Rows past `start_step` are logged again.
+      runs.truncate_metrics(workdir, start_step, log)
 
   batch_sharding = place.batch
   k = tc.steps_per_call
@@ -404,15 +368,18 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
         _check_nonfinite(state, tc.nonfinite)
         writer.write_scalars(step, scalars)
         _show(bar, step, scalars)
-      if step % tc.eval_every == 0 or step == tc.steps:
+      evaluated = step % tc.eval_every == 0 or step == tc.steps
+      if evaluated:
         last_eval = evaluate(eval_fn, state.params, eval_batches, dataset.bytes_per_token)
         writer.write_scalars(step, last_eval)
         _show(bar, step, last_eval, eval_=True)
-        if cfg.checkpoint.keep_best:
-          ckpt.save_best(step, state, meta, last_eval["eval_loss"])
-        window_start = time.perf_counter()  # Eval time is not step time.
       if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == tc.steps:
         ckpt.save(step, state, meta)
+      # The resumable checkpoint first: on a full disk the best copy must not take its space.
+      if evaluated and cfg.checkpoint.keep_best:
+        ckpt.save_best(step, state, meta, last_eval["eval_loss"])
+      if evaluated:
+        window_start = time.perf_counter()  # Eval (and saving) time is not step time.
       if sigterm.set:
         ckpt.save(step, state, meta)
         preempted = True
@@ -546,49 +513,3 @@ def _report(
       "comm_bytes_per_step": comm_lib.per_step(compiled, cfg.train.steps_per_call),
     },
   )
-
-
-def load_run(workdir: str, *, best: bool = False):
-  """Rebuilds a trained model from a workdir alone.
-
-  Returns:
-    (config, model with restored parameters, checkpoint meta, step).
-
-  Raises:
-    ValueError: No run or no checkpoint in `workdir`.
-  """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ValueError(f"--workdir={workdir} holds no run (no config.json); train there first")
-  with open(path) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
-  ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, keep_best=True, async_save=False)
-  meta = ckpt.read_meta(best=best)
-  model_cfg = ModelConfig.from_config_dict(meta["model"])
-  extra = meta.get("objective_params")  # An objective's parameters (distillation projections).
-  init_extra = None
-  if extra is not None:
-    is_leaf = lambda x: isinstance(x, dict) and set(x) == {"shape", "dtype"}
-    init_extra = lambda: jax.tree.map(
-      lambda x: jax.numpy.zeros(x["shape"], x["dtype"]), extra, is_leaf=is_leaf
-    )
-  graphdef, abstract, _ = abstract_state(model_cfg, cfg.train, init_extra)
-  state, meta, step = ckpt.restore(abstract, best=best)
-  ckpt.close()
-  model = nnx.merge(graphdef, model_params(state.params))
-  return cfg, model, meta, step
-
-
-def abstract_state(model_cfg, train_cfg, objective_params=None):
-  """(graphdef, TrainState of ShapeDtypeStructs, optimizer) without creating any array."""
-  out = {}
-
-  def build():
-    graphdef, state, tx = init_state(
-      model_cfg, train_cfg, seed=0, objective_params=objective_params
-    )
-    out["graphdef"], out["tx"] = graphdef, tx
-    return state
-
-  abstract = jax.eval_shape(build)
-  return out["graphdef"], abstract, out["tx"]
