@@ -8,7 +8,9 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
+import jax
 from jax import lax
+from jax.experimental import pallas as pl
 
 IMPLEMENTATIONS = ("auto", "reference", "tpu", "gpu")
 LANES = 128  # TPU vreg lanes: the last dim of a Mosaic block is a multiple of this (or whole).
@@ -132,3 +134,32 @@ def dispatch(
 def bind(fn: Callable, cfg) -> Callable:
   """`fn` with its static config bound first (the backends' signature is `(cfg, *operands)`)."""
   return functools.partial(fn, cfg)
+
+
+def _typed(out_shape, operands):
+  """`out_shape` with every output varying over the manual mesh axes any operand varies over."""
+  types = [jax.typeof(x) for x in jax.tree.leaves(operands)]
+  varying = frozenset().union(*(t.mat.varying for t in types if hasattr(t, "mat")))
+  mat = jax.sharding.ManualAxisType(varying=varying)
+
+  def one(s):
+    if isinstance(s, jax.ShapeDtypeStruct) and s.manual_axis_type is None:
+      return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding, manual_axis_type=mat)
+    return s
+
+  return jax.tree.map(one, out_shape)
+
+
+def pallas_call(kernel: Callable, *, out_shape, **kwargs) -> Callable:
+  """`pl.pallas_call` that also works inside a `shard_map` with replication checks on.
+
+  There (check_vma=True, `jax.shard_map`'s default) Pallas needs each output's manual axis type;
+  a kernel's outputs depend on all its operands, so they vary over the manual mesh axes any
+  operand varies over. Outside a shard_map the type is ignored.
+  """
+
+  def call(*operands):
+    typed = _typed(out_shape, operands)
+    return pl.pallas_call(kernel, out_shape=typed, **kwargs)(*operands)
+
+  return call

@@ -57,7 +57,9 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from reslm.models import sharding
 from reslm.models.linear import Linear
 from reslm.models.registry import MLPS, module_options
 from reslm.models.sharding import param
@@ -168,6 +170,8 @@ def grouped_matmul(
               float32/bfloat16) and when the program is partitioned automatically over a mesh
               (an active mesh with a non-manual axis of size > 1): XLA cannot partition a Mosaic
               kernel, and the rows' global expert order does not split into per-device shards.
+              `MoE`'s dropless dispatch therefore calls this per device under a mesh (every axis
+              manual, see `MoE._dropless_per_device`), where the kernel runs.
     "xla"     `jax.lax.ragged_dot` everywhere (XLA:CPU computes it densely over every group).
     "pallas"  the kernel API's own dispatch: the kernels on TPU/GPU, elsewhere its reference
               (ragged_dot on float32 inputs at HIGHEST precision, cast back to x's dtype).
@@ -277,10 +281,19 @@ class Experts(nnx.Module):
     y = jnp.einsum("ech,ehd->ecd", h, self._w(self.w_down))
     return y if self.b_down is None else y + self._w(self.b_down)[:, None]
 
-  def grouped(self, x_md: jax.Array, group_sizes_e: jax.Array, experts_m: jax.Array) -> jax.Array:
+  def uses_kernel(self) -> bool:
+    """Whether the grouped matmuls may lower to the Pallas kernel (see `grouped_matmul`)."""
+    kernel_dtype = jnp.dtype(self.dtype) in (jnp.float32, jnp.bfloat16)
+    return self.grouped_impl == "pallas" or (self.grouped_impl == "auto" and kernel_dtype)
+
+  def grouped(
+    self, x_md: jax.Array, group_sizes_e: jax.Array, experts_m: jax.Array, reduce=None
+  ) -> jax.Array:
     """Rows sorted by expert, `group_sizes_e` rows per expert: [rows, d] -> [rows, d].
 
-    `experts_m` (each row's expert) is only used to add the GELU biases.
+    `experts_m` (each row's expert) is only used to add the GELU biases. `reduce` (e.g. a psum
+    over the devices holding slices of the hidden width) is applied to the down projection's
+    output before its bias.
     """
     x = x_md.astype(self.dtype)
     up = grouped_matmul(x, self._w(self.w_up), group_sizes_e, self.grouped_impl)  # [rows, h]
@@ -291,6 +304,7 @@ class Experts(nnx.Module):
     else:
       h = jax.nn.gelu(up + self._w(self.b_up)[experts_m])
     y = grouped_matmul(h, self._w(self.w_down), group_sizes_e, self.grouped_impl)  # [rows, d]
+    y = y if reduce is None else reduce(y)
     return y if self.b_down is None else y + self._w(self.b_down)[experts_m]
 
 
@@ -458,13 +472,54 @@ class MoE(nnx.Module):
     return jnp.einsum("nk,nkd->nd", gates_nk.astype(y_nkd.dtype), y_nkd)
 
   def _dropless(self, x_nd, gates_nk, experts_nk):
+    # Under "auto", a pipeline stage with other axes partitioned keeps ragged_dot (XLA code): a
+    # nested kernel call would run forward only (`models.sharding.per_device`).
+    auto_nested = self.experts.grouped_impl == "auto" and sharding.nested_partitioned()
+    found = sharding.kernel_mesh() if self.experts.uses_kernel() and not auto_nested else None
+    if found is None:
+      return self._dropless_local(x_nd, gates_nk, experts_nk, self.experts)
+    return self._dropless_per_device(x_nd, gates_nk, experts_nk, *found)
+
+  def _dropless_per_device(self, x_nd, gates_nk, experts_nk, mesh, free):
+    """Dropless dispatch with the grouped-matmul kernel under a mesh, one call per device.
+
+    XLA cannot partition a Mosaic kernel, and a global expert order does not split into
+    per-device shards; but a token's dropless output depends on that token only, so every device
+    sorts and runs its own tokens (rows split as the rules split "batch"). Expert weights are
+    split on their hidden width as the rules split "mlp" (column-parallel up/gate, row-parallel
+    down with one psum) and gathered over every other axis, the `expert` axis included: expert
+    parallelism is the all-to-all dispatch (`parallel.experts`), not this path.
+    """
+    rows = sharding.kernel_split("batch", x_nd.shape[0], mesh=mesh)
+    mlp = sharding.kernel_split("mlp", self.experts.w_up.shape[-1], taken=rows, mesh=mesh)
+    r, m = sharding.spec_entry(rows), sharding.spec_entry(mlp)
+    graphdef, state = nnx.split(self.experts)
+    hidden_dim = {"w_up": 2, "w_gate": 2, "w_down": 1, "b_up": 1}  # Where "mlp" sits.
+
+    def spec(path, leaf):
+      dim = hidden_dim.get(next((k.key for k in path if hasattr(k, "key")), None))
+      return P(*(m if i == dim else None for i in range(leaf.ndim)))
+
+    state_specs = jax.tree_util.tree_map_with_path(spec, state)
+
+    def body(state, x_nd, gates_nk, experts_nk):
+      reduce = (lambda y: jax.lax.psum(y, mlp)) if mlp else None
+      experts = nnx.merge(graphdef, state)
+      return self._dropless_local(x_nd, gates_nk, experts_nk, experts, reduce)
+
+    in_specs = (state_specs, P(r), P(r), P(r))
+    return sharding.per_device(body, free, in_specs, P(r), mesh=mesh)(
+      state, x_nd, gates_nk, experts_nk
+    )
+
+  def _dropless_local(self, x_nd, gates_nk, experts_nk, experts, reduce=None):
     n, k = experts_nk.shape
     experts_a = experts_nk.reshape(-1)  # [n * k], token-major
     order_a = jnp.argsort(experts_a, stable=True)
     inverse_a = jnp.zeros_like(order_a).at[order_a].set(jnp.arange(n * k))
     group_sizes_e = jnp.bincount(experts_a, length=self.num_experts).astype(jnp.int32)
     x_sorted = x_nd[order_a // k]  # [n * k, d], grouped by expert
-    y_sorted = self.experts.grouped(x_sorted, group_sizes_e, experts_a[order_a])
+    y_sorted = experts.grouped(x_sorted, group_sizes_e, experts_a[order_a], reduce)
     y_nkd = y_sorted[inverse_a].reshape(n, k, -1)
     return jnp.einsum("nk,nkd->nd", gates_nk.astype(y_nkd.dtype), y_nkd)
 

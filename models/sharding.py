@@ -91,3 +91,99 @@ def constrain(x: jax.Array, axes: Axes) -> jax.Array:
     return x
   spec = logical_to_spec(axes, rules, x.shape, dict(mesh.shape), skip=frozenset(mesh.manual_axes))
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+# Pallas kernels under a mesh -------------------------------------------------------------------
+#
+# XLA cannot partition a Mosaic (Pallas TPU) kernel: inside a program partitioned over a mesh,
+# every kernel call must sit in a `shard_map` whose manual axes are *all* the mesh's axes (size-1
+# axes included), each device calling the kernel on its own shard. These helpers pick, from the
+# active logical-axis rules, which mesh axes split each operand dimension, and run the call.
+
+
+def kernel_mesh() -> tuple[jax.sharding.AbstractMesh, tuple[str, ...]] | None:
+  """(active mesh, its non-manual axes) when a kernel call must run per device shard, else None.
+
+  None when there is no mesh, when every axis is manual already, or when every axis has size 1
+  (nothing is partitioned: a kernel can be called directly). Inside a `shard_map` over some axes
+  (a pipeline stage, say) the remaining ones are returned even if all have size 1: the per-device
+  call then also leaves that `shard_map`'s replication checks, which opaque kernels cannot meet.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return None
+  free = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+  if not free or not (mesh.manual_axes or any(mesh.shape[a] > 1 for a in free)):
+    return None
+  return mesh, free
+
+
+def kernel_split(
+  name: str | None, *dims: int, taken: Sequence[str] = (), mesh=None
+) -> tuple[str, ...]:
+  """Mesh axes that split logical axis `name` in a per-device kernel call.
+
+  The axes the active rules map `name` to, restricted to non-manual axes of size > 1 not in
+  `taken`; () unless their product divides every one of `dims` (then the dimension stays whole).
+  """
+  mesh = mesh or jax.sharding.get_abstract_mesh()
+  rules = dict(core_spmd.get_logical_axis_rules() or ())
+  target = rules.get(name) if name is not None else None
+  target = (target,) if isinstance(target, str) else tuple(target or ())
+  target = tuple(
+    a for a in target if a not in mesh.manual_axes and mesh.shape[a] > 1 and a not in taken
+  )
+  size = 1
+  for a in target:
+    size *= mesh.shape[a]
+  return target if target and not any(d % size for d in dims) else ()
+
+
+def spec_entry(axes: Sequence[str]) -> str | tuple[str, ...] | None:
+  """A PartitionSpec entry for a dimension split over `axes` (None if unsplit)."""
+  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def nested_partitioned() -> bool:
+  """Whether a kernel call here would be a `shard_map` nested in another one (a pipeline stage)
+  with an automatic axis of size > 1 left: there it can run forward only (see `per_device`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or not mesh.manual_axes:
+    return False
+  return any(mesh.shape[a] > 1 for a in mesh.axis_names if a not in mesh.manual_axes)
+
+
+def per_device(fn, free: Sequence[str], in_specs, out_specs, *, mesh=None):
+  """`fn` run by every device on its shards: `jax.shard_map` with all of `free` manual.
+
+  Axes in `free` that no spec names see replicated operands (every device along them computes
+  the same result). At the top level replication checks (`check_vma`) are off: a kernel's output
+  types cannot say how they vary. Inside another `shard_map` (a pipeline stage) they stay on, as
+  the outer one's types already carry them (the kernels type their outputs, see
+  `kernels_pallas.base.pallas_call`); there the call runs forward only: jax 0.12 cannot lower the
+  gradient of a `shard_map` nested in another ("operates on axis ... already bound by a parent
+  manual_computation", even for jnp.sin), so differentiating it is a one-line error at trace time.
+  """
+  mesh = mesh or jax.sharding.get_abstract_mesh()
+  nested = bool(mesh.manual_axes)
+  call = jax.shard_map(
+    fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(free), check_vma=nested
+  )
+  if not nested:
+    return call
+  outer = sorted(mesh.manual_axes)
+  auto = sorted(a for a in free if mesh.shape[a] > 1)
+
+  @jax.custom_vjp
+  def forward_only(*args):
+    return call(*args)
+
+  def bwd(*_):
+    raise ValueError(
+      f"a Pallas kernel inside a shard_map over {outer} with automatic mesh axes {auto} of size "
+      "> 1 cannot be differentiated (jax 0.12 does not lower the gradient of a nested shard_map); "
+      "use implementation='auto' there (XLA code) or a preset whose other axes are size 1"
+    )
+
+  forward_only.defvjp(lambda *args: (call(*args), None), bwd)
+  return forward_only

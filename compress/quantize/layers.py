@@ -30,6 +30,11 @@ def _scaled(layer, x_mk):
   return x_mk if x_mk.dtype in (jnp.float32, jnp.bfloat16) else x_mk.astype(jnp.float32)
 
 
+def _axes(layer) -> dict:
+  """The weight's logical axes, for the kernels' per-device split under a mesh."""
+  return {"in_axis": layer.in_axis, "out_axis": layer.out_axis}
+
+
 def _unscale(arrays, w_kn):
   """The effective weight diag(input_scale) W."""
   if "input_scale" in arrays:
@@ -45,7 +50,9 @@ class Int8Linear(CompressedLinear, kind="int8"):
 
   def matmul(self, x_mk):
     x = _scaled(self, x_mk)
-    return matmul.int8_matmul(x, self.w_q[...], self.scales[...], out_dtype=self.dtype)
+    return matmul.int8_matmul(
+      x, self.w_q[...], self.scales[...], out_dtype=self.dtype, **_axes(self)
+    )
 
   @classmethod
   def weight(cls, arrays, static, k):
@@ -62,7 +69,12 @@ class Int4Linear(CompressedLinear, kind="int4"):
   def matmul(self, x_mk):
     x = _scaled(self, x_mk)
     return matmul.int4_matmul(
-      x, self.w_packed[...], self.scales[...], group_size=self.group_size, out_dtype=self.dtype
+      x,
+      self.w_packed[...],
+      self.scales[...],
+      group_size=self.group_size,
+      out_dtype=self.dtype,
+      **_axes(self),
     )
 
   @classmethod
@@ -105,7 +117,7 @@ class W8A8Linear(CompressedLinear, kind="w8a8"):
   def matmul(self, x_mk):
     x_q, x_scale = formats.quantize_rows_int8(_scaled(self, x_mk))
     return matmul.int8_int8_matmul(
-      x_q, self.w_q[...], x_scale, self.w_scale[...], out_dtype=self.dtype
+      x_q, self.w_q[...], x_scale, self.w_scale[...], out_dtype=self.dtype, **_axes(self)
     )
 
   @classmethod
@@ -136,7 +148,7 @@ class OutlierInt8Linear(CompressedLinear, kind="llm_int8"):
     y_out = x_out @ self.outlier_w[...].astype(jnp.float32)
     keep = jnp.ones((x.shape[1],), jnp.float32).at[idx].set(0.0, mode="drop")
     x_q, x_scale = formats.quantize_rows_int8(x * keep)
-    y_in = matmul.int8_int8_matmul(x_q, self.w_q[...], x_scale, self.w_scale[...])
+    y_in = matmul.int8_int8_matmul(x_q, self.w_q[...], x_scale, self.w_scale[...], **_axes(self))
     return (y_out + y_in).astype(self.dtype)
 
   @classmethod

@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from reslm.kernels_pallas import base
 from reslm.kernels_pallas.base import LANES, round_up
 from reslm.kernels_pallas.flash_attention.config import (
   MASK_VALUE,
@@ -367,7 +368,7 @@ def forward(cfg: FlashConfig, q, k, v, q_seg, kv_seg):
   # A kv tile is fetched once per computed (q tile, kv tile) pair and head block: a skipped causal
   # step re-addresses the resident tile, so it costs no DMA.
   kv_bytes = nh * _visible_pairs(cfg, bq, bk, nq, nk) * (_nbytes(k_t, v_t) // nk)
-  out_t, lse_t = pl.pallas_call(
+  out_t, lse_t = base.pallas_call(
     functools.partial(_fwd_kernel, tile=tile, num_kv_tiles=nk),
     out_shape=out_shape,
     grid=(b, hk, nh, nq, nk),
@@ -422,7 +423,7 @@ def backward(cfg: FlashConfig, q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse):
   ]
   ins = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec]
   kv_bytes = nh * _visible_pairs(cfg, bq, bk, nq, nk) * (_nbytes(k_t, v_t) // nk)  # As forward.
-  dq_t = pl.pallas_call(
+  dq_t = base.pallas_call(
     functools.partial(_dq_kernel, tile=tile, num_kv_tiles=nk),
     out_shape=jax.ShapeDtypeStruct(q_t.shape, q.dtype),
     grid=(b, hk, nh, nq, nk),
@@ -454,7 +455,7 @@ def backward(cfg: FlashConfig, q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse):
   ]
   ins = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec]
   q_bytes = _q_tile_fetches(cfg, bq, bk, nq, nk) * (_nbytes(q_t, do_t, lse_t, di_t) // nq)
-  dk_t, dv_t = pl.pallas_call(
+  dk_t, dv_t = base.pallas_call(
     functools.partial(_dkv_kernel, tile=tile, num_q_tiles=nq, num_kv_tiles=nk, num_head_blocks=nh),
     out_shape=[jax.ShapeDtypeStruct(k_t.shape, k.dtype)] * 2,
     grid=(b, hk, nk, nh, nq),

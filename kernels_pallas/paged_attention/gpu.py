@@ -22,6 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from reslm.kernels_pallas import base
 from reslm.kernels_pallas.paged_attention.config import (
   MASK_VALUE,
   PagedConfig,
@@ -105,7 +106,7 @@ def paged_attention(cfg: PagedConfig, q, k_pages, v_pages, lengths, block_tables
     in_specs += [pl.BlockSpec((None, *pool), lambda b_, h: (h, 0, 0))] * 2
     operands += [k_scale.astype(_F32), v_scale.astype(_F32)]
   tokens = cfg.pages_per_seq * cfg.page_size
-  out = pl.pallas_call(
+  out = base.pallas_call(
     functools.partial(_kernel, cfg=cfg, ppb=ppb),
     out_shape=jax.ShapeDtypeStruct(q4.shape, q.dtype),
     grid=(b, hk),

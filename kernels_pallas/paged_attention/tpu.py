@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from reslm.kernels_pallas import base
 from reslm.kernels_pallas.base import LANES
 from reslm.kernels_pallas.paged_attention.config import (
   MASK_VALUE,
@@ -168,7 +169,7 @@ def paged_attention(cfg: PagedConfig, q, k_pages, v_pages, lengths, block_tables
   kv_bytes = 2 * b * hk * tokens * d * kv_dtype.itemsize
   if cfg.quantized:
     kv_bytes += 2 * b * hk * tokens * 4
-  out = pl.pallas_call(
+  out = base.pallas_call(
     functools.partial(_kernel, cfg=cfg, ppb=ppb, num_blocks=num_blocks),
     out_shape=jax.ShapeDtypeStruct(q4.shape, q.dtype),
     grid_spec=pltpu.PrefetchScalarGridSpec(

@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from reslm.kernels_pallas import base
 from reslm.kernels_pallas.quant_matmul.config import QuantConfig, error, gpu_tiles
 
 _F32 = jnp.float32
@@ -124,7 +125,7 @@ def matmul(cfg: QuantConfig, x, w, scales, x_scale=None):
   out_dtype = jnp.dtype(cfg.out_dtype)
   w_bytes = sum(a.size * a.dtype.itemsize for a in operands[2 if cfg.kind == "int4" else 1 :])
   x_bytes = sum(a.size * a.dtype.itemsize for a in operands[: 2 if cfg.kind == "int4" else 1])
-  out = pl.pallas_call(
+  out = base.pallas_call(
     functools.partial(
       _fwd_kernel,
       kind=cfg.kind,
@@ -210,7 +211,7 @@ def matmul_dx(cfg: QuantConfig, g, w, scales):
     ]
     out_shape = [jax.ShapeDtypeStruct((t.m, t.k // 2), x_dtype)] * 2
     out_specs = [pl.BlockSpec((bm, bk // 2), lambda i, j: (i, j))] * 2
-  out = pl.pallas_call(
+  out = base.pallas_call(
     functools.partial(_dx_kernel, kind=cfg.kind, nr=t.n // bn, bn=bn, group=cfg.group_size),
     out_shape=out_shape,
     grid=grid,

@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from reslm.kernels_pallas import base
 from reslm.kernels_pallas.quant_matmul.config import QuantConfig, Tiles, error, tpu_tiles
 
 _F32 = jnp.float32
@@ -161,7 +162,7 @@ def matmul(cfg: QuantConfig, x, w, scales, x_scale=None):
       x_bytes * (grid[1] if grid[2] > 1 else 1) + w_bytes * grid[0] + t.m * t.n * out_dtype.itemsize
     ),
   )
-  out = pl.pallas_call(
+  out = base.pallas_call(
     functools.partial(
       _fwd_kernel, kind=cfg.kind, nk=grid[2], group=cfg.group_size, has_scales=cfg.has_scales
     ),
@@ -260,7 +261,7 @@ def matmul_dx(cfg: QuantConfig, g, w, scales):
       + t.m * t.k * x_dtype.itemsize
     ),
   )
-  out = pl.pallas_call(
+  out = base.pallas_call(
     functools.partial(_dx_kernel, kind=cfg.kind, nr=grid[2], group=cfg.group_size),
     out_shape=out_shape,
     grid=grid,

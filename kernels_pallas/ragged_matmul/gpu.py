@@ -23,6 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from reslm.kernels_pallas import base
 from reslm.kernels_pallas.ragged_matmul.config import RaggedConfig, error, gpu_tiles
 from reslm.kernels_pallas.ragged_matmul.reference import group_bounds
 
@@ -87,7 +88,7 @@ def gmm(cfg: RaggedConfig, lhs, rhs, group_sizes, *, transpose_rhs: bool = False
     w_spec = pl.BlockSpec((groups, q, bp), lambda i, j: (0, 0, j))
   meta_spec = lambda n: pl.BlockSpec((n,), lambda i, j: (0,))
   item = x.dtype.itemsize
-  out = pl.pallas_call(
+  out = base.pallas_call(
     functools.partial(_gmm_kernel, nq=q // bq, bq=bq, transpose_rhs=transpose_rhs),
     out_shape=jax.ShapeDtypeStruct((t.m, p), lhs.dtype),
     grid=(num_tiles, p // bp),
@@ -136,7 +137,7 @@ def tgmm(cfg: RaggedConfig, lhs, d_out, group_sizes):
   rows = t.m + bm  # A chunk starting at a group's last row may run bm - 1 rows past M.
   x, d = _pad(lhs, rows, t.k), _pad(d_out, rows, t.n)
   item = x.dtype.itemsize
-  out = pl.pallas_call(
+  out = base.pallas_call(
     functools.partial(_tgmm_kernel, bm=bm),
     out_shape=jax.ShapeDtypeStruct((groups, t.k, t.n), lhs.dtype),
     grid=(groups, t.k // bk, t.n // bn),

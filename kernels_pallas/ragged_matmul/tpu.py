@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from reslm.kernels_pallas import base
 from reslm.kernels_pallas.ragged_matmul.config import RaggedConfig, error, tpu_tiles
 from reslm.kernels_pallas.ragged_matmul.reference import group_bounds
 
@@ -171,7 +172,7 @@ def gmm(cfg: RaggedConfig, lhs, rhs, group_sizes, *, transpose_rhs: bool = False
     transcendentals=0,
     bytes_accessed=int(x_bytes + w_bytes + t.m * p * item),
   )
-  out = pl.pallas_call(
+  out = base.pallas_call(
     functools.partial(_gmm_kernel, groups=groups, nk=grid[2], transpose_rhs=transpose_rhs),
     out_shape=jax.ShapeDtypeStruct((t.m, p), lhs.dtype),
     grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -231,7 +232,7 @@ def tgmm(cfg: RaggedConfig, lhs, d_out, group_sizes):
       x.size * item * grid[1] + d.size * item * grid[0] + cfg.groups * t.k * t.n * item
     ),
   )
-  out = pl.pallas_call(
+  out = base.pallas_call(
     functools.partial(_tgmm_kernel, num_visits=nv),
     out_shape=jax.ShapeDtypeStruct((cfg.groups, t.k, t.n), lhs.dtype),
     grid_spec=pltpu.PrefetchScalarGridSpec(

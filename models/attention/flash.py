@@ -27,15 +27,14 @@ XLA code below always runs:
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import spmd as core_spmd
 
 from reslm.kernels_pallas.flash_attention import api as pallas_api
 from reslm.kernels_pallas.flash_attention.config import BlockSizes
+from reslm.models import sharding
 from reslm.models.attention.base import NEG_INF, Attention, MaskInfo, attention_kwargs
 from reslm.models.attention.blocks import (
   block_mask,
@@ -52,6 +51,19 @@ IMPLEMENTATIONS = ("auto", "xla", "pallas")
 def _slice(x: jax.Array | None, start, size: int) -> jax.Array | None:
   """x[:, start:start + size] for a traced start (None passes through)."""
   return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+
+
+def _vary_like(tree, *arrays):
+  """`tree` cast to vary over the manual mesh axes the arrays vary over (inside a `shard_map`, a
+  pipeline stage): loop carries started from it then have the type the loop body gives them.
+  Outside a shard_map nothing varies and `tree` is returned as it is."""
+  varying = frozenset().union(*(jax.typeof(a).mat.varying for a in arrays))
+
+  def cast(x):
+    missing = tuple(sorted(varying - jax.typeof(x).mat.varying))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(cast, tree)
 
 
 def _scores(q_blk, k_blk, scale):
@@ -92,10 +104,15 @@ def _forward(causal, bq, bk, q, k, v, q_side, kv_side):
 
       return jax.lax.cond(mask.any(), compute, lambda c: c, carry)
 
-    init = (
-      jnp.full((b, g, r, bq), NEG_INF, jnp.float32),
-      jnp.zeros((b, g, r, bq), jnp.float32),
-      jnp.zeros((b, g, r, bq, d), jnp.float32),
+    init = _vary_like(
+      (
+        jnp.full((b, g, r, bq), NEG_INF, jnp.float32),
+        jnp.zeros((b, g, r, bq), jnp.float32),
+        jnp.zeros((b, g, r, bq, d), jnp.float32),
+      ),
+      q_blk,
+      k,
+      v,
     )
     m, row_sum, acc = jax.lax.fori_loop(0, nk, key_step, init)
     safe_sum = jnp.where(row_sum > 0, row_sum, 1.0)  # 0: the row sees no key; output 0.
@@ -153,11 +170,11 @@ def _flash_bwd(causal, bq, bk, res, d_out):
 
       return jax.lax.cond(mask.any(), compute, lambda c: c, carry)
 
-    zeros = jnp.zeros((b, bk, g, d), jnp.float32)
+    zeros = _vary_like(jnp.zeros((b, bk, g, d), jnp.float32), q, k, v, d_out)
     dq, dk, dv = jax.lax.fori_loop(0, tq // bq, query_step, (dq, zeros, zeros))
     return dq, (dk, dv)
 
-  dq0 = jnp.zeros(q.shape, jnp.float32)
+  dq0 = _vary_like(jnp.zeros(q.shape, jnp.float32), q, k, v, d_out)
   dq, (dk, dv) = jax.lax.scan(key_block, dq0, jnp.arange(k.shape[1] // bk))
   no_grad = jax.tree.map(lambda _: None, (q_side, kv_side))  # Integer mask inputs.
   return (
@@ -199,40 +216,31 @@ def flash_attention(
 def kernel_specs(q: jax.Array, k: jax.Array):
   """How the Pallas kernels run under the active mesh and logical sharding rules.
 
-  XLA cannot partition a Mosaic kernel, so inside a program partitioned automatically over a
-  mesh the kernels run under `jax.shard_map`, one call per device shard: the batch split as the
-  rules split "batch", the heads as they split "heads" when "kv_heads" is split the same way (so
-  every shard keeps whole query groups), the sequence whole; other mesh axes see replicas.
+  XLA cannot partition a Mosaic kernel, so inside a program partitioned over a mesh the kernels
+  run under `jax.shard_map` with every non-manual mesh axis manual (Mosaic refuses a call with
+  any automatic axis left, size-1 axes included), one call per device shard: the batch split as
+  the rules split "batch", the heads as they split "heads" when "kv_heads" is split the same way
+  (so every shard keeps whole query groups), the sequence whole; other mesh axes see replicas.
+  Batch and head splits need no collective around the kernels.
 
   Returns:
     True with no mesh axis to partition over; None if the rules split the sequence (the kernels
-    need it whole); else (mesh, automatic axis names, (q spec, k/v spec, segment-ids spec)).
+    need it whole); else (mesh, axes made manual, (q spec, k/v spec, segment-ids spec)).
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
+  found = sharding.kernel_mesh()
+  if found is None:
     return True
-  auto = frozenset(a for a in mesh.axis_names if a not in mesh.manual_axes and mesh.shape[a] > 1)
-  if not auto:
-    return True
-  rules = dict(core_spmd.get_logical_axis_rules() or ())
-
-  def split(name: str, *dims: int, taken=()) -> tuple[str, ...]:
-    target = rules.get(name)
-    target = (target,) if isinstance(target, str) else tuple(target or ())
-    target = tuple(a for a in target if a in auto and a not in taken)
-    size = math.prod(mesh.shape[a] for a in target)
-    return target if target and not any(d % size for d in dims) else ()
-
-  if split("seq", q.shape[1]):
+  mesh, free = found
+  if sharding.kernel_split("seq", q.shape[1]):
     return None
-  batch = split("batch", q.shape[0])
-  heads = split("heads", q.shape[2], k.shape[2], taken=batch)
-  if heads != split("kv_heads", q.shape[2], k.shape[2], taken=batch):
+  batch = sharding.kernel_split("batch", q.shape[0])
+  heads = sharding.kernel_split("heads", q.shape[2], k.shape[2], taken=batch)
+  if heads != sharding.kernel_split("kv_heads", q.shape[2], k.shape[2], taken=batch):
     heads = ()
-  entry = lambda axes: None if not axes else axes[0] if len(axes) == 1 else axes
   P = jax.sharding.PartitionSpec
-  qkv = P(entry(batch), None, entry(heads), None)
-  return mesh, auto, (qkv, qkv, P(entry(batch), None))
+  b, h = sharding.spec_entry(batch), sharding.spec_entry(heads)
+  qkv = P(b, None, h, None)
+  return mesh, free, (qkv, qkv, P(b, None))
 
 
 class FlashAttention(Attention):
@@ -301,7 +309,9 @@ class FlashAttention(Attention):
       impl = "tpu" if self.interpret else "auto"
       return self._kernel(q, k, v, segment_ids_bt, impl, specs), None
     xla = lambda q, k, v: super(FlashAttention, self).mix(q, k, v, segment_ids_bt=segment_ids_bt)[0]
-    if specs is None:  # A split sequence needs the XLA code (it is partitioned automatically).
+    # A split sequence needs the XLA code (it is partitioned automatically), and so does a
+    # pipeline stage with other axes partitioned (a nested kernel call would run forward only).
+    if specs is None or sharding.nested_partitioned():
       return xla(q, k, v), None
     # The Mosaic GPU kernel takes bfloat16 only (kernels_pallas.flash_attention.gpu.supports).
     on_cuda = xla
@@ -331,13 +341,11 @@ class FlashAttention(Attention):
 
     if specs is True:  # One device (or every mesh axis already manual): no partitioning.
       return attend(q, k, v, segment_ids)
-    mesh, auto, (q_spec, kv_spec, seg_spec) = specs
+    mesh, free, (q_spec, kv_spec, seg_spec) = specs
     args, in_specs = (q, k, v), (q_spec, kv_spec, kv_spec)
     if segment_ids is not None:
       args, in_specs = (*args, segment_ids), (*in_specs, seg_spec)
-    return jax.shard_map(
-      attend, mesh=mesh, in_specs=in_specs, out_specs=q_spec, axis_names=auto, check_vma=False
-    )(*args)
+    return sharding.per_device(attend, free, in_specs, q_spec, mesh=mesh)(*args)
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, info: MaskInfo) -> jax.Array:
     return flash_attention(q, k, v, info, self.block_q, self.block_k)

@@ -164,8 +164,8 @@ def test_auto_grouped_matmul_exports_the_kernels_for_tpu_only():
     sorted(names) == ["ragged_matmul"] * 3 + ["ragged_matmul_dlhs"] + ["ragged_matmul_drhs"] * 3
   )
   assert "custom_call" not in lowered("cpu").mlir_module()
-  # Partitioned over a mesh (data parallel on 2 devices), "auto" keeps ragged_dot: XLA cannot
-  # partition the kernel.
+  # Partitioned over a mesh (data parallel on 2 devices), the same kernels run once per device in
+  # a shard_map over every mesh axis (XLA cannot partition a Mosaic kernel).
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
 
   def partitioned(state):
@@ -173,7 +173,8 @@ def test_auto_grouped_matmul_exports_the_kernels_for_tpu_only():
       return jax.value_and_grad(loss)(state)
 
   text = jax.jit(partitioned).trace(state).lower(lowering_platforms=("tpu",)).as_text()
-  assert "tpu_custom_call" not in text and "ragged_dot" in text
+  assert sorted(re.findall(r'kernel_name = "(ragged_matmul\w*)"', text)) == sorted(names)
+  assert "sdy.manual_computation" in text
 
 
 def _hand_router(moe, rows):
