@@ -26,6 +26,8 @@ from reslm.hf.weights import save_sharded
 
 # config.json keys our `hf_config` writes in another layout or that no longer hold.
 _REWRITTEN = ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype")
+# Compressed kinds that also quantise activations at run time.
+_ACTIVATION_QUANT = {"w8a8": "its int8 activations", "llm_int8": "its int8 activations"}
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -61,7 +63,9 @@ def dense_params(model) -> tuple[dict, list[str]]:
       if module.bias is not None:
         entry["bias"] = module.bias[...]
       node[path[-1]] = entry
-      notes.append(f"{'/'.join(map(str, path))}: {module.KIND} weights written dequantised")
+      how = _ACTIVATION_QUANT.get(module.KIND)
+      suffix = f" ({how} not kept: HF checkpoints hold weights only)" if how else ""
+      notes.append(f"{'/'.join(map(str, path))}: {module.KIND} weights written dequantised{suffix}")
     if getattr(module, "kv_cache_quant", None):
       notes.append(
         f"{'/'.join(map(str, path))}: int8 KV cache dropped (a runtime setting HF configs lack)"

@@ -198,7 +198,7 @@ class HFCheckpoint:
   def abstract(self):
     """(graphdef, pure-dict state of ShapeDtypeStructs) of the model, no arrays created."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(self.cfg)))
-    return graphdef, state.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(state)
 
   def shard(self, path: tuple, index: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
     """The part `index` of parameter `path` (full shape `shape`) in the parameter dtype."""

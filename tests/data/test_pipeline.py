@@ -37,7 +37,7 @@ def test_default_config_is_valid():
     (
       {"tokenizer": "xyz"},
       r"^data\.tokenizer='xyz' is not a known tokenizer; choose one of: "
-      r"byte, char, sentencepiece$",
+      r"byte, char, sentencepiece, hf$",
     ),
     ({"objective": "prefix"}, r"data\.objective='prefix'.*choose one of: causal, mlm"),
     ({"seq_len": 0}, r"data\.seq_len=0 must be a positive integer"),

@@ -106,11 +106,11 @@ def test_build_tokenizer_registry(corpus):
 
 
 def test_build_tokenizer_errors():
-  msg = "data.tokenizer='xyz' is not a known tokenizer; choose one of: byte, char, sentencepiece"
+  msg = "data.tokenizer='xyz' is not a known tokenizer; choose one of: byte, char, sentencepiece, hf"
   with pytest.raises(ValueError) as err:
     tokenizers.build_tokenizer("xyz")
   assert str(err.value) == msg
-  with pytest.raises(ValueError, match="choose one of: byte, char, sentencepiece"):
+  with pytest.raises(ValueError, match="choose one of: byte, char, sentencepiece, hf"):
     tokenizers.tokenizer_from_dict({"name": "xyz"})
   with pytest.raises(ValueError, match=r"data\.tokenizer='char' is built from a text"):
     tokenizers.build_tokenizer("char")
