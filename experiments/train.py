@@ -90,6 +90,11 @@ def main(argv):
   try:
     train(FLAGS.config, FLAGS.workdir, FLAGS.sample_tokens)
     ok = True
+  except RuntimeError as e:
+    if FLAGS.multihost and "by peer" in str(e):  # Gloo: "Connection closed/reset by peer".
+      first = str(e).strip().splitlines()[0]
+      raise RuntimeError(f"another process of the job died (a collective lost it): {first}") from e
+    raise
   finally:
     distributed.finish(ok)  # So the other processes neither wait for nor mourn this one.
 

@@ -19,6 +19,7 @@ Each process loads only its rows of the global batch (`data.build_dataset(proces
 `global_batch` assembles them into global arrays sharded over the mesh.
 """
 
+import atexit
 import contextlib
 import os
 import sys
@@ -185,10 +186,21 @@ def _start_watchdog(timeout: float) -> None:
 def finish(ok: bool = True) -> None:
   """Tells the other processes this one ends (normally, or with an error: then they stop too).
 
-  Call once at the end of a multi-process job's main; a no-op in single-process runs.
+  Call once at the end of a multi-process job's main; a no-op in single-process runs. After an
+  error the process exits without JAX's shutdown barrier (registered at exit), which waits for
+  every peer and, if one is dead, aborts with a C++ stack once the heartbeats time out.
   """
   if _watchdog is not None:
     _watchdog.finish(ok)
+    if not ok:
+      atexit.register(_exit_without_shutdown)  # Runs before JAX's own exit handler (LIFO).
+
+
+def _exit_without_shutdown() -> None:
+  for stream in (sys.stdout, sys.stderr):
+    with contextlib.suppress(Exception):
+      stream.flush()
+  os._exit(1)
 
 
 def describe() -> dict[str, int]:
