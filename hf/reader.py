@@ -7,11 +7,12 @@
 `HFCheckpoint` reads config.json and the safetensors headers and checks everything before a
 weight is read: the `model_type` (supported ones listed), config fields the model cannot honour
 (`families`), and the tensors (the first missing, unexpected or mis-shaped one named with its
-shape). Loading builds the model abstractly (`nnx.eval_shape`) and creates every parameter with
-`jax.make_array_from_callback`: each device's shard is read from the memory-mapped files (only
-the rows/columns that shard needs, one layer at a time for stacked parameters) and cast to the
-parameter dtype, so the host holds about one layer's tensor slice plus the local shards, never a
-second copy of the checkpoint (`experiments/benchmarks/convert.py` measures the peak RSS).
+shape). Loading builds the model abstractly (`nnx.eval_shape`) and creates every parameter device
+shard by device shard (`_place`, as `jax.make_array_from_callback` but one host shard at a time):
+each shard is read from the files (only the rows/columns it needs, by positioned reads, one
+layer at a time for stacked parameters) and cast to the parameter dtype, so beyond the placed
+parameters the host holds about one device shard and one read chunk, never a second copy of the
+checkpoint (`experiments/benchmarks/convert.py` measures the peak RSS).
 
 dtypes: parameters are stored in the checkpoint's own dtype (that of the token embeddings) unless
 `param_dtype` is given; computation runs in `dtype` (default: the same), as `transformers` does
@@ -93,7 +94,7 @@ class HFCheckpoint:
     self.weights = WeightFile(directory)  # Headers only; no weights, truncation is an error.
     keys = frozenset(self.weights.keys())
     settings = family.settings(self.hf_config, keys)
-    stored = self._stored_dtype(settings)
+    stored = self._stored_dtype()
     settings["param_dtype"] = param_dtype or stored
     settings["dtype"] = dtype or settings["param_dtype"]
     architecture = set(settings)
@@ -108,9 +109,8 @@ class HFCheckpoint:
     self.notes: list[str] = []
     self.names = self._match_tensors(keys)
 
-  def _stored_dtype(self, settings: dict[str, Any]) -> str:
+  def _stored_dtype(self) -> str:
     """The dtype of the token embeddings, the checkpoint's parameter dtype."""
-    del settings
     names = self.weights.keys()
     ends = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
     embed = next((k for k in names if k.endswith(ends)), None)
@@ -167,10 +167,10 @@ class HFCheckpoint:
         f"{self.directory} has no masked-LM head ({missing_optional[0]}, ...): it is initialised "
         "fresh (N(0, initializer_range)), as transformers does"
       )
-    self._check_leftovers(keys - used, family, actual)
+    self._check_leftovers(keys - used, family)
     return names
 
-  def _check_leftovers(self, extra: set[str], family, actual) -> None:
+  def _check_leftovers(self, extra: set[str], family) -> None:
     """Tensors the model does not use: buffers and tied copies pass, known heads get a note,
     anything else is an error."""
     tied = set()
@@ -191,7 +191,6 @@ class HFCheckpoint:
       )
     if unused:
       self.notes.append(f"not imported (no such head here): {', '.join(unused)}")
-    del actual
 
   # ---- loading -----------------------------------------------------------------------------
 
@@ -209,11 +208,18 @@ class HFCheckpoint:
     if names is None:
       return _initial(src, shape, self.cfg.init_std)[index].astype(dtype)
     if not src.stacked:
-      return read_part(self.weights, names[0], src, index).astype(dtype)
+      return read_part(self.weights, names[0], src, index).astype(dtype, copy=False)
     layers = range(*index[0].indices(shape[0]))
-    return np.stack([read_part(self.weights, names[i], src, index[1:]) for i in layers]).astype(
-      dtype
+    out = np.empty(
+      (
+        len(layers),
+        *(len(range(*s.indices(n))) for s, n in zip(index[1:], shape[1:], strict=True)),
+      ),
+      dtype,
     )
+    for j, i in enumerate(layers):  # One layer's slice at a time, cast as it is stored.
+      out[j] = read_part(self.weights, names[i], src, index[1:])
+    return out
 
   def load(self, shardings=None) -> nnx.Module:
     """The model with the checkpoint's weights.
@@ -241,15 +247,28 @@ class HFCheckpoint:
       if path not in self.sources:
         raise ValueError(f"no checkpoint tensor maps to parameter {'/'.join(map(str, path))}")
       shape = tuple(leaf.shape)
-      arrays.append(
-        jax.make_array_from_callback(
-          shape, sharding, lambda i, p=path, s=shape: self.shard(p, i, s), dtype=leaf.dtype
-        )
-      )
+      arrays.append(_place(shape, sharding, lambda i, p=path, s=shape: self.shard(p, i, s)))
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
 
   def close(self) -> None:
     self.weights.close()
+
+
+def _place(shape: tuple[int, ...], sharding, fetch) -> jax.Array:
+  """A global array of `sharding` whose device shards are `fetch(index)`, placed one at a time.
+
+  Like `jax.make_array_from_callback`, which, however, holds every local device's host shard at
+  once (a whole parameter) before placing them; here one host shard exists at a time (a
+  replicated parameter is read once for all its devices).
+  """
+  arrays, last = [], (None, None)
+  for device, index in sharding.addressable_devices_indices_map(shape).items():
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    if key != last[0]:
+      last = (key, None)  # Drop the previous host shard before reading the next.
+      last = (key, fetch(index))
+    arrays.append(jax.device_put(last[1], device))
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def _initial(src: families.Source, shape, init_std: float) -> np.ndarray:

@@ -2,12 +2,13 @@
 
 A checkpoint directory holds `model.safetensors`, or shards listed by
 `model.safetensors.index.json` (`weight_map`: tensor name -> shard file). `WeightFile` opens the
-headers only; a tensor (or a slice of one) is read when asked for, straight from the memory-mapped
-file in its stored dtype, so a loader can build each device's shard without holding a whole
+headers only; a tensor (or a slice of one) is read when asked for, in its stored dtype, with
+positioned reads of just the rows it needs (not a memory map: mapped pages a loader has touched
+stay in its resident memory until the file is closed, which would count a second copy of the
+checkpoint against the host), so a loader can build each device's shard without holding a whole
 checkpoint in host memory.
 """
 
-import contextlib
 import json
 import math
 import os
@@ -16,18 +17,19 @@ from collections.abc import Iterator, Mapping
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with NumPy: safetensors reads them then)
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+CHUNK_BYTES = 8 * 2**20  # Largest single read when only some columns of the rows are wanted.
 # safetensors dtype names, for headers read without NumPy.
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
            "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
 
 
-def _header(path: pathlib.Path) -> dict:
-  """The JSON header of one safetensors file, checked against the file's size (truncation)."""
+def _header(path: pathlib.Path) -> tuple[dict, int]:
+  """The JSON header of one safetensors file, checked against the file's size (truncation), and
+  where its data starts."""
   size = path.stat().st_size
   with open(path, "rb") as f:
     raw = f.read(8)
@@ -43,7 +45,7 @@ def _header(path: pathlib.Path) -> dict:
     raise ValueError(
       f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}"
     )
-  return header
+  return header, 8 + n
 
 
 class WeightFile:
@@ -69,19 +71,26 @@ class WeightFile:
         "checkpoints are read; convert .bin/.pt files with transformers first)"
       )
     files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
-    self._specs: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    # name -> (file, shape, dtype, first byte in the file)
+    self._specs: dict[str, tuple[str, tuple[int, ...], str, int]] = {}
     for name in files:
       path = self.directory / name
       if not path.exists():
         raise ValueError(f"{INDEX} in {self.directory} names a missing shard {name}")
-      for key, t in _header(path).items():
-        self._specs[key] = (name, tuple(t["shape"]), _DTYPES.get(t["dtype"], t["dtype"]))
+      header, start = _header(path)
+      for key, t in header.items():
+        shape, dtype = tuple(t["shape"]), _DTYPES.get(t["dtype"], t["dtype"])
+        begin, end = t["data_offsets"]
+        if dtype in _DTYPES.values() and end - begin != math.prod(shape) * np.dtype(dtype).itemsize:
+          raise ValueError(
+            f"{path}: tensor {key!r} of shape {list(shape)} ({dtype}) has {end - begin} bytes"
+          )
+        self._specs[key] = (name, shape, dtype, start + begin)
     if weight_map:
       missing = sorted(set(weight_map) - set(self._specs))
       if missing:
         raise ValueError(f"{INDEX} lists {missing[0]!r}, which no shard holds")
-    self._open: dict[str, object] = {}
-    self._stack = contextlib.ExitStack()
+    self._fds: dict[str, int] = {}
 
   def keys(self) -> list[str]:
     return sorted(self._specs)
@@ -96,26 +105,65 @@ class WeightFile:
     return self._specs[name][2]
 
   def nbytes(self) -> int:
-    return sum(math.prod(s) * np.dtype(d).itemsize for _, s, d in self._specs.values())
+    return sum(math.prod(s) * np.dtype(d).itemsize for _, s, d, _ in self._specs.values())
 
-  def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
-    """Tensor `name` (or `index` of it: slices per leading dim) in its stored dtype."""
-    file, _, _ = self._specs[name]
-    if file not in self._open:
-      self._open[file] = self._stack.enter_context(
-        safe_open(self.directory / file, framework="numpy")
-      )
-    handle = self._open[file]
+  def read(
+    self, name: str, index: tuple[slice, ...] | None = None, *, chunk_bytes: int = CHUNK_BYTES
+  ) -> np.ndarray:
+    """Tensor `name` (or `index` of it: slices per leading dim) in its stored dtype.
+
+    Reads the rows of the first axis that `index` selects, at most `chunk_bytes` of whole rows at
+    a time (one contiguous read each), cutting the other axes of each chunk into the result: the
+    host holds the result plus one chunk, however few columns are wanted.
+    """
+    file, shape, dtype, begin = self._specs[name]
     try:
-      if index is None:
-        return handle.get_tensor(name)
-      return handle.get_slice(name)[index]
-    except SafetensorError as e:
-      raise ValueError(f"{self.directory / file}: cannot read {name!r}: {e}") from None
+      dt = np.dtype(dtype)
+    except TypeError:
+      raise ValueError(f"{self.directory / file}: {name!r} has unsupported dtype {dtype}") from None
+    index = tuple(index or ())
+    if not shape:
+      return self._pread(file, begin, 1, dt).reshape(())
+    rows = range(*(index[0] if index else slice(None)).indices(shape[0]))
+    row = math.prod(shape[1:])
+    per = max(1, chunk_bytes // max(1, row * dt.itemsize))  # Rows per read.
+    out = None
+    for first in range(0, len(rows), per):
+      part = rows[first : first + per]
+      lo, hi = min(part), max(part) + 1
+      block = self._pread(file, begin + lo * row * dt.itemsize, (hi - lo) * row, dt)
+      block = block.reshape(hi - lo, *shape[1:])
+      if part.step != 1:
+        block = block[[i - lo for i in part]]
+      block = block[(slice(None), *index[1:])]
+      if first == 0 and len(part) == len(rows):
+        return block  # One read: the block (or a view of it) is the result.
+      if out is None:
+        out = np.empty((len(rows), *block.shape[1:]), dt)
+      out[first : first + len(part)] = block
+    if out is None:  # No rows selected.
+      empty = np.empty((0, *shape[1:]), dt)
+      return empty[(slice(None), *index[1:])]
+    return out
+
+  def _pread(self, file: str, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
+    """`count` items of `dtype` at byte `offset` of `file`, read into a new array."""
+    if file not in self._fds:
+      self._fds[file] = os.open(self.directory / file, os.O_RDONLY)
+    out = np.empty(count, dtype)
+    view = memoryview(out.view(np.uint8)) if count else memoryview(b"")
+    done = 0
+    while done < len(view):  # One call reads at most ~2 GiB on Linux.
+      n = os.preadv(self._fds[file], [view[done:]], offset + done)
+      if n == 0:
+        raise ValueError(f"{self.directory / file} ended early reading tensor data")
+      done += n
+    return out
 
   def close(self) -> None:
-    self._stack.close()
-    self._open.clear()
+    for fd in self._fds.values():
+      os.close(fd)
+    self._fds.clear()
 
   def __enter__(self) -> "WeightFile":
     return self

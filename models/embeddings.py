@@ -1,4 +1,5 @@
-"""Token embeddings and rotary position embeddings (RoPE), with Llama 3.1 / linear RoPE scaling.
+"""Token embeddings, the LMs' input side (`LMInputs`: learned positions, token types, embedding
+norm), and rotary position embeddings (RoPE) with Llama 3.1 / linear RoPE scaling.
 
 Axes: vocab, embed for the table; activations [batch, seq, embed].
 """
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from reslm.models.sharding import param
+from reslm.models.registry import NORMS
+from reslm.models.sharding import constrain, param
 
 
 class Embed(nnx.Module):
@@ -52,6 +54,56 @@ class Embed(nnx.Module):
     b, t, d = x_btd.shape
     logits = jnp.dot(x_btd.reshape(b * t, d), table.T, preferred_element_type=jnp.float32)
     return logits.reshape(b, t, -1)
+
+
+class LMInputs(nnx.Module):
+  """The input side both LMs share: token, position and token-type embeddings, embedding norm
+  (BERT's embeddings), and the final norm of a pre-norm stack.
+
+  Sets `embed` (tokens; also the tied output projection), `pos_embed` (learned positions, rows
+  max_seq_len + position_offset), `type_embed` (token types) and `embed_norm`, each None when
+  the config has none.
+  """
+
+  def _init_inputs(self, cfg, rngs: nnx.Rngs) -> None:
+    kw = dict(
+      init_std=cfg.init_std, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs
+    )
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, **kw)
+    table = (None, "embed")  # Small tables: never split along their rows.
+    learned = cfg.position == "learned"
+    self.pos_embed = Embed(cfg.position_rows, cfg.d_model, axes=table, **kw) if learned else None
+    types = cfg.type_vocab_size
+    self.type_embed = Embed(types, cfg.d_model, axes=table, **kw) if types else None
+    norm = cfg.embed_norm
+    self.embed_norm = NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs) if norm else None
+
+  def embed_inputs(self, tokens_bt, positions_bt, token_types_bt=None) -> jax.Array:
+    """The residual stream entering the first block, [batch, seq, embed].
+
+    Args:
+      tokens_bt: int32 token ids, [batch, seq].
+      positions_bt: Positions, [batch, seq] (read by a learned position table).
+      token_types_bt: Token types (BERT's segment A/B), [batch, seq]; default all 0.
+    """
+    x = self.embed(tokens_bt)
+    if self.pos_embed is not None:
+      x = x + self.pos_embed(positions_bt + self.cfg.position_offset)
+    if self.type_embed is not None:
+      types = jnp.zeros_like(tokens_bt) if token_types_bt is None else token_types_bt
+      x = x + self.type_embed(types)
+    if self.embed_norm is not None:
+      x = self.embed_norm(x)
+    return constrain(x, ("batch", "residual_seq", "embed"))
+
+  def _final_norm(self, cfg, rngs: nnx.Rngs):
+    if cfg.norm_position == "post":
+      return None  # Every block already ends with a norm.
+    return NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs)
+
+  def normed(self, x_btd: jax.Array) -> jax.Array:
+    """The last block's output after the final norm (if any)."""
+    return x_btd if self.final_norm is None else self.final_norm(x_btd)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from reslm.models.config import ModelConfig
-from reslm.models.embeddings import Embed
+from reslm.models.embeddings import LMInputs
 from reslm.models.linear import Linear
 from reslm.models.mlp import activation
 from reslm.models.registry import MIXERS, MLPS, NORMS
@@ -296,56 +296,7 @@ def _positions(tokens_bt: jax.Array, cache_index) -> jax.Array:
   return jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-class _Inputs(nnx.Module):
-  """The input side both LMs share: token, position and token-type embeddings, embedding norm.
-
-  Sets `embed` (tokens; also the tied output projection), `pos_embed` (learned positions, rows
-  max_seq_len + position_offset), `type_embed` (token types) and `embed_norm`, each None when
-  the config has none.
-  """
-
-  def _init_inputs(self, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
-    kw = dict(
-      init_std=cfg.init_std, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs
-    )
-    self.embed = Embed(cfg.vocab_size, cfg.d_model, **kw)
-    table = (None, "embed")  # Small tables: never split along their rows.
-    learned = cfg.position == "learned"
-    self.pos_embed = Embed(cfg.position_rows, cfg.d_model, axes=table, **kw) if learned else None
-    types = cfg.type_vocab_size
-    self.type_embed = Embed(types, cfg.d_model, axes=table, **kw) if types else None
-    norm = cfg.embed_norm
-    self.embed_norm = NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs) if norm else None
-
-  def embed_inputs(self, tokens_bt, positions_bt, token_types_bt=None) -> jax.Array:
-    """The residual stream entering the first block, [batch, seq, embed].
-
-    Args:
-      tokens_bt: int32 token ids, [batch, seq].
-      positions_bt: Positions, [batch, seq] (read by a learned position table).
-      token_types_bt: Token types (BERT's segment A/B), [batch, seq]; default all 0.
-    """
-    x = self.embed(tokens_bt)
-    if self.pos_embed is not None:
-      x = x + self.pos_embed(positions_bt + self.cfg.position_offset)
-    if self.type_embed is not None:
-      types = jnp.zeros_like(tokens_bt) if token_types_bt is None else token_types_bt
-      x = x + self.type_embed(types)
-    if self.embed_norm is not None:
-      x = self.embed_norm(x)
-    return constrain(x, ("batch", "residual_seq", "embed"))
-
-  def _final_norm(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    if cfg.norm_position == "post":
-      return None  # Every block already ends with a norm.
-    return NORMS.build(cfg.norm, cfg, dim=cfg.d_model, rngs=rngs)
-
-  def normed(self, x_btd: jax.Array) -> jax.Array:
-    """The last block's output after the final norm (if any)."""
-    return x_btd if self.final_norm is None else self.final_norm(x_btd)
-
-
-class DecoderLM(_Inputs):
+class DecoderLM(LMInputs):
   """A decoder-only (causal) language model.
 
   Args:
@@ -432,7 +383,7 @@ class DecoderLM(_Inputs):
     return constrain(logits, ("batch", "seq", "vocab"))
 
 
-class EncoderLM(_Inputs):
+class EncoderLM(LMInputs):
   """A bidirectional encoder with a BERT-style masked-LM head (and optionally BERT's pooler).
 
   Head: dense + activation (`model.mlp_activation`; "auto" = tanh-approximate gelu) + norm, then
