@@ -106,7 +106,9 @@ def test_build_tokenizer_registry(corpus):
 
 
 def test_build_tokenizer_errors():
-  msg = "data.tokenizer='xyz' is not a known tokenizer; choose one of: byte, char, sentencepiece, hf"
+  msg = (
+    "data.tokenizer='xyz' is not a known tokenizer; choose one of: byte, char, sentencepiece, hf"
+  )
   with pytest.raises(ValueError) as err:
     tokenizers.build_tokenizer("xyz")
   assert str(err.value) == msg
