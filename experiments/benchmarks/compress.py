@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -167,6 +168,9 @@ def run_spec_row(spec: str, run_dir: str, row_dir: str, *, smoke: bool):
       run_dir
     ):
       return report, load_compressed(row_dir)[0]
+    # A stale row of this benchmark (its --workdir is claimed): compress refuses to overwrite
+    # another compression's output, so the benchmark removes its own first.
+    shutil.rmtree(row_dir)
   report = pipeline.run(cfg, run_dir, row_dir)
   return report, load_compressed(row_dir)[0]
 
@@ -550,10 +554,24 @@ def select_rows(names, smoke: bool) -> tuple[Row, ...]:
 FLAGS = flags.FLAGS
 
 
+def _workdir_kind():
+  from reslm.training.ownership import Kind
+
+  return Kind(
+    command="experiments.benchmarks.compress",
+    what="a compression benchmark's runs",
+    outputs=("float/", "rows/"),
+  )
+
+
 @cli.one_line_errors
 def main(argv):
   del argv
   rows = select_rows(FLAGS.rows, FLAGS.smoke)
+  from reslm.training import ownership
+
+  # The float run and the rows live under --workdir: never write into someone else's directory.
+  ownership.claim(FLAGS.workdir, _workdir_kind(), flag="--workdir")
   run_dir = FLAGS.run
   if run_dir is None:
     if not os.path.exists(FLAGS.data):
