@@ -104,3 +104,53 @@ def test_parser_counts_async_pairs_once_and_multiplies_loops():
   }
   groups = {op.name: op.group_size for op in comm.parse_hlo(HLO)}
   assert groups == {"ars": 4, "ags": 8, "ar": 8, "rs": 4, "cps": 8, "ar2": 2}
+
+
+# TPU's overlap of a collective with a loop (a weight gather riding a windowed-einsum loop of 8
+# iterations, itself in a scan of 2 layers): the async collective fusion carries its progress
+# through the iterations and runs once per loop; the collective-permute of the ring runs every
+# iteration.
+STEPPED_HLO = """HloModule m, num_partitions=16
+
+%async_collective_fusion.7 (p0: bf16[256,8]) -> (bf16[256,8], bf16[4096,8], u32[]) {
+  %p0 = bf16[256,8] parameter(0)
+  %ag = bf16[4096,8]{1,0} all-gather(%p0), replica_groups=mesh['axis_0'=16] {'axis_0'}, dimensions={0}
+  ROOT %t = (bf16[256,8], bf16[4096,8], u32[]) tuple(%p0, %ag, %s)
+}
+
+%windowed_body (w: (u32[], bf16[256,8])) -> (u32[], bf16[256,8]) {
+  %w = (u32[], bf16[256,8]) parameter(0)
+  %cp = bf16[256,8]{1,0} collective-permute(%x), source_target_pairs={{0,1}}
+  %f = (bf16[256,8], bf16[4096,8], u32[]) fusion(%x), kind=kCustom, calls=%async_collective_fusion.7
+  ROOT %r = (u32[], bf16[256,8]) tuple(%i, %cp)
+}
+
+%windowed_cond (w: (u32[], bf16[256,8])) -> pred[] {
+  %limit = u32[]{:T(128)} constant(8)
+  %w = (u32[], bf16[256,8]) parameter(0)
+  %i = u32[] get-tuple-element(%w), index=0
+  ROOT %lt = pred[] compare(%i, %limit), direction=LT
+}
+
+%layer_body (l: (s32[], bf16[256,8])) -> (s32[], bf16[256,8]) {
+  %l = (s32[], bf16[256,8]) parameter(0)
+  %loop = (u32[], bf16[256,8]) while(%init), condition=%windowed_cond, body=%windowed_body
+  ROOT %o = (s32[], bf16[256,8]) tuple(%k, %y)
+}
+
+%layer_cond (l: (s32[], bf16[256,8])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: bf16[256,8]) -> bf16[256,8] {
+  %scan = (s32[], bf16[256,8]) while(%init0), condition=%layer_cond, body=%layer_body, backend_config={"known_trip_count":{"n":"2"}}
+  ROOT %z = bf16[256,8]{1,0} copy(%a)
+}
+"""
+
+
+def test_parser_counts_a_collective_stepped_over_a_loop_once_per_loop():
+  found = comm.comm_bytes(STEPPED_HLO)
+  assert found["ops"]["all-gather"] == 2  # Once per layer, not 2 x 8.
+  assert found["bytes"]["all-gather"] == 2 * 4096 * 8 * 2
+  assert found["ops"]["collective-permute"] == 2 * 8  # Every iteration of every layer.
