@@ -202,6 +202,18 @@ def jit_steps(graphdef, tx, place: Placement, train_cfg, objective: Objective | 
   return step_fn, eval_fn
 
 
+def replicate(tree, mesh):
+  """`tree`'s arrays as global arrays replicated over `mesh` (an objective's frozen inputs, e.g.
+  a teacher restored onto one device by `load_run`); every process holds the same values."""
+  sharding = NamedSharding(mesh, P())
+
+  def put(x):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree)
+
+
 def parallel_summary(place: Placement) -> dict[str, Any]:
   """The mesh, the rules and the per-device bytes of parameters and optimizer state."""
   return {
@@ -326,7 +338,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> RunResul
     )
 
   step_fn, eval_fn = jit_steps(graphdef, tx, place, tc, objective)
-  frozen = () if objective is None else (objective.frozen,)
+  frozen = () if objective is None else (replicate(objective.frozen, place.mesh),)
   example = train_batches(start_step)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, example, *frozen).compile()

@@ -149,23 +149,24 @@ def test_teacher_gets_no_gradient_and_projection_gets_one():
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-  def build(workdir):
-    # Teacher and students read the same generated text (no dependence on ../shared/data).
-    workdir.mkdir(parents=True)
-    (workdir / "text.txt").write_text(pseudo_english(60_000))
+  def build(path):
+    # Teacher and students read the same generated text (no dependence on ../shared/data), kept
+    # beside the run: a run directory holds only what training writes.
+    path.mkdir(parents=True)
+    (path / "text.txt").write_text(pseudo_english(60_000))
     cfg = shakespeare_char.get_config("smoke")
-    cfg.data.path = str(workdir / "text.txt")
+    cfg.data.path = str(path / "text.txt")
     cfg.data.batch_size = 8  # Splits over the 8 test devices.
     cfg.report.measure_peak = False
     cfg.checkpoint.update(keep_best=False, async_save=False)
-    train_and_evaluate(cfg, str(workdir))
+    train_and_evaluate(cfg, str(path / "run"))
 
-  return shared_dir(tmp_path_factory, "distill_smoke_teacher", build)
+  return shared_dir(tmp_path_factory, "distill_smoke_teacher", build) / "run"
 
 
 def student(teacher_dir, **distill_settings):
   cfg = distill_configs.get_config("smoke")
-  cfg.data.path = str(teacher_dir / "text.txt")
+  cfg.data.path = str(teacher_dir.parent / "text.txt")
   cfg.data.batch_size = 8
   cfg.report.measure_peak = False
   cfg.checkpoint.update(keep_best=False, async_save=False, every=0)
@@ -266,7 +267,9 @@ def test_bad_configs_fail_in_one_line_before_compile(teacher_dir, tmp_path):
       train_and_evaluate(student(teacher_dir, **settings), str(tmp_path / "run"))
     assert "\n" not in str(err.value)
   cfg = student(teacher_dir)
-  vocab = len(set((teacher_dir / "text.txt").read_text()))  # The char tokenizer's vocabulary.
+  vocab = len(
+    set((teacher_dir.parent / "text.txt").read_text())
+  )  # The char tokenizer's vocabulary.
   cfg.data.vocab_size = 80  # Pads the student's vocabulary past the teacher's.
   with pytest.raises(
     ValueError, match=f"teacher's vocab_size={vocab} differs from the student's 80"
