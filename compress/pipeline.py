@@ -35,9 +35,11 @@ from reslm.compress import calibration as calib_lib
 from reslm.compress import registry
 from reslm.compress.checkpoint import COMPRESSED, load_compressed, save_compressed
 from reslm.compress.intercept import unfused_projections
+from reslm.compress.layers import CompressedLinear
 from reslm.compress.rules import apply_plan, make_plan, parse_rules
 from reslm.compress.targets import get_module
 from reslm.metrics.params import param_bytes
+from reslm.models.linear import Linear, ProjectOut
 from reslm.training import ownership
 from reslm.training.runs import TRAIN_RUN
 
@@ -318,3 +320,24 @@ def format_report(report: dict[str, Any]) -> str:
     f"{report['reload_max_abs_logit_diff']:.2e})"
   )
   return "\n".join(lines)
+
+
+def zero_fraction(model) -> float:
+  """Fraction of exactly-zero weights over the model's projections, float or compressed (what
+  pruning leaves, and what a later quantization stage keeps)."""
+  zeros = total = 0
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, CompressedLinear):
+      # Stacked layers hold every layer's arrays: map the one-layer dequantization over them.
+      static, k = module.static(), module.in_features
+      fn = functools.partial(type(module).weight, static=static, k=k)
+      for _ in module.lead:
+        fn = jax.vmap(fn)
+      w = fn(module.layer_arrays())
+    elif isinstance(module, Linear | ProjectOut):
+      w = module.kernel[...]
+    else:
+      continue
+    zeros += int(jnp.sum(w == 0))
+    total += int(w.size)
+  return zeros / max(total, 1)

@@ -21,7 +21,6 @@ callable (run dir, row dir) -> model for methods outside the pipeline (e.g. dist
 """
 
 import dataclasses
-import functools
 import importlib
 import json
 import math
@@ -35,6 +34,7 @@ from collections.abc import Callable
 from absl import app, flags
 
 from experiments import cli
+from reslm.compress.pipeline import zero_fraction
 
 flags.DEFINE_string("data", "../shared/data/tinyshakespeare.txt", "Tiny Shakespeare text file.")
 flags.DEFINE_string("run", None, "A trained shakespeare_char run to reuse (default: train one).")
@@ -200,34 +200,6 @@ def evaluate_model(model, ref_model, run_cfg, eval_batches: int) -> dict:
     },
     "fidelity": fidelity,
   }
-
-
-def zero_fraction(model) -> float:
-  """Fraction of exactly-zero weights over the model's projections, float or compressed (what
-  pruning leaves, and what a later quantization stage keeps)."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from reslm.compress.layers import CompressedLinear
-  from reslm.models.linear import Linear, ProjectOut
-
-  zeros = total = 0
-  for _, module in nnx.iter_graph(model):
-    if isinstance(module, CompressedLinear):
-      # Stacked layers hold every layer's arrays: map the one-layer dequantization over them.
-      static, k = module.static(), module.in_features
-      fn = functools.partial(type(module).weight, static=static, k=k)
-      for _ in module.lead:
-        fn = jax.vmap(fn)
-      w = fn(module.layer_arrays())
-    elif isinstance(module, Linear | ProjectOut):
-      w = module.kernel[...]
-    else:
-      continue
-    zeros += int(jnp.sum(w == 0))
-    total += int(w.size)
-  return zeros / max(total, 1)
 
 
 def decode_timings(models: dict, prompt, new_tokens: int, repeats: int) -> dict:

@@ -76,8 +76,8 @@ def test_unknown_row_is_one_line_error(tmp_path):
 def test_zero_fraction_counts_compressed_projections():
   """Magnitude 50% then int8 on the MLPs: the int8 layers' zeros count (the old count skipped
   compressed layers and saw only the float ones)."""
-  from experiments.benchmarks.compress import zero_fraction
   from reslm.compress import apply_rules
+  from reslm.compress.pipeline import zero_fraction
   from reslm.models import build_model
   from tests.compress.common import CFG
 

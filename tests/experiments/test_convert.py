@@ -106,9 +106,9 @@ def _params(model) -> dict:
 
 
 def _substitute(arg: str, subs: dict[str, str]) -> str:
-  for old, new in subs.items():
-    arg = arg.replace(old, new)
-  return arg
+  # One pass: a replacement is never substituted again (the checkout may itself live under /tmp/).
+  pattern = "|".join(re.escape(old) for old in sorted(subs, key=len, reverse=True))
+  return re.sub(pattern, lambda m: subs[m[0]], arg)
 
 
 def one_line_error(out) -> str:
