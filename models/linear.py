@@ -11,7 +11,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from reslm.models.sharding import param
+from reslm.models.sharding import (
+  column_parallel_gather,
+  param,
+  row_parallel_scatter,
+  sequence_axis,
+)
 
 
 class Linear(nnx.Module):
@@ -54,7 +59,13 @@ class Linear(nnx.Module):
     lead = x.shape[:-1]
     n_out = math.prod(self.out_shape)
     w = self.kernel[...].astype(self.dtype).reshape(self.in_features, n_out)
-    y = x.astype(self.dtype).reshape(-1, self.in_features) @ w  # [tokens, n_out]
+    row, column = _sequence_parallel(self.kernel, x, 1)
+    if row:  # Sequence parallel: reduce-scatter the partial products along the sequence.
+      y = row_parallel_scatter(x.astype(self.dtype), w, row)
+    elif column:  # Sequence parallel: gather the sequence inside the product.
+      y = column_parallel_gather(x.astype(self.dtype), w, column)
+    else:
+      y = x.astype(self.dtype).reshape(-1, self.in_features) @ w  # [tokens, n_out]
     y = y.reshape(*lead, *self.out_shape)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
@@ -97,11 +108,29 @@ class ProjectOut(nnx.Module):
     n_in = math.prod(self.in_shape)
     lead = x.shape[: x.ndim - len(self.in_shape)]
     w = self.kernel[...].astype(self.dtype).reshape(n_in, self.out_features)
-    y = x.astype(self.dtype).reshape(-1, n_in) @ w  # [tokens, out]
+    row, _ = _sequence_parallel(self.kernel, x, len(self.in_shape))
+    if row:  # Sequence parallel: reduce-scatter the partial products along the sequence.
+      y = row_parallel_scatter(x.astype(self.dtype).reshape(*lead, n_in), w, row)
+    else:
+      y = x.astype(self.dtype).reshape(-1, n_in) @ w  # [tokens, out]
     y = y.reshape(*lead, self.out_features)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+def _sequence_parallel(kernel: nnx.Param, x: jax.Array, num_in: int):
+  """(row axis, column axis) of a [batch, seq, *in] input's product under sequence parallelism
+  (`sharding.sequence_axis`): the kernel's first input name split over the row axis (reduce-scatter
+  the output), or its first output name over the column axis (gather the input); None otherwise."""
+  names = kernel.get_metadata().get("out_sharding") or ()
+  if x.ndim != num_in + 2 or not names:
+    return None, None
+  names = tuple(names)[-kernel[...].ndim :]
+  t, k = x.shape[1], math.prod(x.shape[2:])
+  row = sequence_axis(names[0], t, k)
+  column = None if row else sequence_axis(names[num_in], t, kernel[...].shape[num_in])
+  return row, column
 
 
 def fused_linear(x: jax.Array, layers: Sequence[Linear]) -> list[jax.Array]:
@@ -137,7 +166,13 @@ def fused_linear(x: jax.Array, layers: Sequence[Linear]) -> list[jax.Array]:
       [layers[i].kernel[...].astype(first.dtype).reshape(first.in_features, n) for i in members],
       axis=1,
     )
-    y_tln = jnp.einsum("tk,kln->tln", x_tk, w_kln)
+    _, column = _sequence_parallel(layers[members[0]].kernel, x, 1)
+    if column:  # Sequence parallel: gather the sequence inside the product.
+      y_tln = column_parallel_gather(x.astype(first.dtype), w_kln, column).reshape(
+        -1, *w_kln.shape[1:]
+      )
+    else:
+      y_tln = jnp.einsum("tk,kln->tln", x_tk, w_kln)
     for j, i in enumerate(members):
       y = y_tln[:, j].reshape(*lead, *out_shape)
       bias = layers[i].bias

@@ -17,6 +17,7 @@ Logical axes:
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as core_spmd
 
@@ -187,3 +188,78 @@ def per_device(fn, free: Sequence[str], in_specs, out_specs, *, mesh=None):
 
   forward_only.defvjp(lambda *args: (call(*args), None), bwd)
   return forward_only
+
+
+# Sequence parallelism: row-parallel projections that reduce-scatter ---------------------------
+
+
+def sequence_parallel() -> bool:
+  """Whether the active rules split the residual stream's sequence (`residual_seq`)."""
+  return bool(dict(core_spmd.get_logical_axis_rules() or ()).get("residual_seq"))
+
+
+def sequence_axis(name: str | None, seq_len: int, features: int) -> str | None:
+  """The mesh axis that splits both the residual stream's sequence (`residual_seq`: mapped only
+  under `parallel.sequence_parallel`) and a projection's features named `name` ("mlp", "heads"
+  over `tensor`), when it divides the sequence and the features and is not manual; else None.
+
+  A projection whose input features are split over that axis is row-parallel (its product is a
+  partial sum per device: `row_parallel_scatter`), one whose output features are split over it is
+  column-parallel (it needs the whole sequence: `column_parallel_gather`).
+  """
+  rules = dict(core_spmd.get_logical_axis_rules() or ())
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh is None or mesh.empty or name is None:
+    return None
+  as_tuple = lambda t: (t,) if isinstance(t, str) else tuple(t or ())
+  common = set(as_tuple(rules.get("residual_seq"))) & set(as_tuple(rules.get(name)))
+  for axis in sorted(common):
+    n = mesh.shape[axis]
+    if axis not in mesh.manual_axes and n > 1 and not seq_len % n and not features % n:
+      return axis
+  return None
+
+
+def _sequence_map(local, axis: str, x: jax.Array, w: jax.Array, x_spec, w_spec, out_spec):
+  """local(x, w) per device: `axis` and the batch axes manual (every other axis too: a partly
+  automatic shard_map left the batch unsplit inside and gathered it over the data axes)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  free = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+  batch = spec_entry(kernel_split("batch", x.shape[0], taken=(axis,), mesh=mesh))
+  P = jax.sharding.PartitionSpec
+  call = per_device(local, free, (P(batch, *x_spec), P(*w_spec)), P(batch, *out_spec), mesh=mesh)
+  return call(x, w)
+
+
+def row_parallel_scatter(x_btk: jax.Array, w_kn: jax.Array, axis: str) -> jax.Array:
+  """[b, t, K] x [K, N] -> [b, t, N] with K split over `axis` and the output's t split over it.
+
+  Each device multiplies its K slice (a partial sum of the whole product) and one
+  `psum_scatter` sums the partials and leaves each device its sequence slice: Megatron's
+  reduce-scatter, where sharding constraints alone had XLA all-reduce the whole sequence and
+  re-split it. Its transpose (the backward pass) is the matching all-gather.
+  """
+
+  def local(x_btk, w_kn):
+    y = jnp.einsum("btk,kn->btn", x_btk, w_kn)
+    return jax.lax.psum_scatter(y, axis, scatter_dimension=1, tiled=True)
+
+  return _sequence_map(local, axis, x_btk, w_kn, (None, axis), (axis, None), (axis, None))
+
+
+def column_parallel_gather(x_btd: jax.Array, w: jax.Array, axis: str) -> jax.Array:
+  """[b, t, d] with t split over `axis`, times w [d, ..., N] with N split over it:
+  [b, t, ..., N], the whole sequence, N split.
+
+  One all-gather of the sequence inside the shard_map, so that its transpose in the backward
+  pass is one reduce-scatter of the input gradient (each device's is a partial sum over its N
+  slice): Megatron's pair, where sharding constraints alone had XLA all-reduce it.
+  """
+  rest = (None,) * (w.ndim - 2)
+
+  def local(x_btd, w):
+    return jnp.tensordot(jax.lax.all_gather(x_btd, axis, axis=1, tiled=True), w, axes=1)
+
+  return _sequence_map(
+    local, axis, x_btd, w, (axis, None), (None, *rest, axis), (None, *rest, axis)
+  )

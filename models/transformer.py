@@ -37,7 +37,7 @@ from reslm.models.embeddings import LMInputs
 from reslm.models.linear import Linear
 from reslm.models.mlp import activation
 from reslm.models.registry import MIXERS, MLPS, NORMS
-from reslm.models.sharding import constrain
+from reslm.models.sharding import constrain, sequence_parallel
 
 REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,
@@ -122,9 +122,13 @@ class Block(nnx.Module):
       extra["residual_btd"] = x_btd
     # Norm outputs are whole sequences (the mixer and MLP split heads / hidden units instead);
     # the residual stream may be split along the sequence (`residual_seq`: sequence parallelism).
+    # Under sequence parallelism the norm outputs stay split too: the column-parallel projections
+    # gather the sequence themselves (models.sharding.column_parallel_gather), so that the
+    # gather's transpose is a reduce-scatter.
+    inner = ("batch", "residual_seq" if sequence_parallel() else "seq", "embed")
     pre = (lambda x: x) if self.post_norm else (lambda x: self.norm1(x))
     h, mixer_cache = self.mixer(
-      constrain(pre(x_btd), ("batch", "seq", "embed")),
+      constrain(pre(x_btd), inner),
       positions_bt=positions_bt,
       segment_ids_bt=segment_ids_bt,
       cache=mixer_cache,
@@ -135,7 +139,7 @@ class Block(nnx.Module):
     if self.post_norm:
       x_btd = self.norm1(x_btd)
     x_btd = constrain(x_btd, ("batch", "residual_seq", "embed"))
-    y = constrain(x_btd if self.post_norm else self.norm2(x_btd), ("batch", "seq", "embed"))
+    y = constrain(x_btd if self.post_norm else self.norm2(x_btd), inner)
     if mlp_cache is not None:
       mlp_out, mlp_cache = self.mlp(y, cache=mlp_cache)
     else:
