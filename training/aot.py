@@ -123,6 +123,7 @@ def compile_only(cfg, topology: str, *, estimate: bool = True) -> dict[str, Any]
       **est,
       "model_flops_per_step": model_flops,
       "model_flops_source": source,
+      "matmul_params": counted["matmul_params"],
       "peak_flops_per_s": peak,
       "mfu": mfu,
       "note": "XLA static cost model (optimal_seconds), not a measurement",
