@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from reslm.data.hf_tokenizer import HFTokenizer
-from reslm.hf import export as export_lib
+from reslm.hf.export import export as export_model
 from reslm.hf.reader import HFCheckpoint, warn
 from reslm.parallel import mesh as mesh_lib
 from reslm.training import config as config_lib
@@ -189,7 +189,7 @@ def export_run(
   hf_meta = _source_hf_meta(meta)
   tok = meta.get("tokenizer") or {}
   tokenizer_json = tok.get("tokenizer_json") if tok.get("name") == "hf" else None
-  notes = export_lib.export(
+  notes = export_model(
     model, out, hf_meta=hf_meta, tokenizer_json=tokenizer_json, max_shard_bytes=max_shard_bytes
   )
   if tokenizer_json is None:

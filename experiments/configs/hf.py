@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
     path = os.path.join(os.path.expanduser(variant), "config.json")
     if not os.path.isfile(path):
       raise ValueError(
-        f"hf variant {variant!r} is neither a variant ({', '.join(VARIANTS)}) nor a run "
+        f"hf variant {variant!r} is not known: neither a variant ({', '.join(VARIANTS)}) nor a run "
         "directory with a config.json"
       )
     with open(path) as f:

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from reslm.compress.rules import apply_rules
-from reslm.hf import export as export_lib
+from reslm.hf.export import export as export_model
 from reslm.hf.reader import HFCheckpoint
 from reslm.hf.weights import INDEX
 from reslm.models import ModelConfig, build_model
@@ -37,7 +37,7 @@ def exported(tmp_path_factory):
     path = tmp_path_factory.mktemp(name)
     meta = {"model_type": ckpt.model_type, "config": ckpt.hf_config}
     tokenizer = (FIXTURES / name / "tokenizer.json").read_text()
-    export_lib.export(model, path, hf_meta=meta, tokenizer_json=tokenizer, max_shard_bytes=40_000)
+    export_model(model, path, hf_meta=meta, tokenizer_json=tokenizer, max_shard_bytes=40_000)
     out[name] = path
   return out
 
@@ -113,7 +113,7 @@ def test_compressed_model_is_written_dequantised(tmp_path):
   model = HFCheckpoint(FIXTURES / "qwen2_bias", dtype="float32").load()
   rules = [{"path": r".*/mlp/.*", "method": "int8"}, {"path": r".*/mixer", "method": "kv_int8"}]
   apply_rules(model, rules)
-  notes = export_lib.export(model, tmp_path, hf_meta={"model_type": "qwen2"})
+  notes = export_model(model, tmp_path, hf_meta={"model_type": "qwen2"})
   assert sorted(notes) == sorted(
     [
       f"layers/groups/blocks/0/mlp/{n}: int8 weights written dequantised"
@@ -135,7 +135,7 @@ def test_a_model_trained_here_exports_as_its_family(tmp_path):
     tie_embeddings=False,
   )  # fmt: skip
   model = build_model(cfg)
-  export_lib.export(model, tmp_path)
+  export_model(model, tmp_path)
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
   again = HFCheckpoint(tmp_path)
@@ -159,6 +159,6 @@ def test_models_no_family_represents_are_refused(tmp_path, settings, match):
   with pytest.raises(
     ValueError, match=r"cannot be written as a Hugging Face checkpoint: " + match
   ) as e:
-    export_lib.export(model, tmp_path / "out")
+    export_model(model, tmp_path / "out")
   assert "\n" not in str(e.value)
   assert not (tmp_path / "out").exists()  # Refused before anything is written.

@@ -188,6 +188,9 @@ def test_every_config_and_variant_validates(path):
   assert isinstance(module.VARIANTS, tuple) and module.VARIANTS
   for variant in (None, *module.VARIANTS):
     cfg = module.get_config(variant)
+    if cfg.data.get("tokenizer") == "hf" and not cfg.data.get("tokenizer_path"):
+      # experiments/configs/hf.py is a template that `experiments.convert` completes.
+      cfg.data.tokenizer_path = str(CONFIGS_DIR.parents[1] / "tests/fixtures/hf/llama_gqa_untied")
     model = validate_experiment(cfg)
     assert model.kind in ("decoder", "encoder"), (path.name, variant)
   with pytest.raises(ValueError, match="not known"):
